@@ -1,0 +1,116 @@
+"""Frame embedders: one vector per video frame (paper Sec. 3.2: ResNet-152 on ImageNet).
+
+`build_embedder(spec)` returns a `FrameEmbedder`, whatever the backbone:
+
+* ``resnet152``: ``keras.applications.ResNet152`` without its top, global average
+  pooled: 2048-d. Weights: ``imagenet`` (downloaded by Keras where there is internet) or a
+  local ``.h5``/``.weights.h5`` file (``weights=/path/...``); ``none`` gives random weights
+  (for tests only: the embeddings then carry no meaning).
+* ``hub:<path or URL>``: any TF-Hub image feature-vector module (a SavedModel directory),
+  called on float images in [0, 1] as the TF-Hub image convention requires.
+* ``tiny``: a small fixed-seed random ConvNet (32-d). It exists so that tests and quick
+  runs exercise the whole visual path in milliseconds; it is not a visual model.
+
+The per-clip bag vector is the mean of the frame embeddings (`embed_clip`).
+"""
+
+import dataclasses
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass
+class FrameEmbedder:
+  """Maps uint8 RGB frames [n, size, size, 3] to float32 embeddings [n, dim]."""
+
+  name: str
+  dim: int
+  image_size: int
+  fn: Callable[[tf.Tensor], tf.Tensor]
+  batch_size: int = 16
+
+  def __call__(self, frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+      raise ValueError(f"Expected frames [n, h, w, 3]. Received: shape={frames.shape}")
+    outputs = [
+        self.fn(tf.constant(frames[i:i + self.batch_size])).numpy()
+        for i in range(0, frames.shape[0], self.batch_size)
+    ]
+    return np.concatenate(outputs).astype(np.float32)
+
+  def embed_clip(self, frames: np.ndarray):
+    """Returns (mean embedding [dim], per-frame embeddings [n, dim])."""
+    per_frame = self(frames)
+    return per_frame.mean(axis=0), per_frame
+
+
+def _resnet152(weights: Optional[str], image_size: int) -> FrameEmbedder:
+  weights = weights or "imagenet"
+  model = keras.applications.ResNet152(
+      include_top=False, weights="imagenet" if weights == "imagenet" else None,
+      pooling="avg", input_shape=(image_size, image_size, 3))
+  if weights not in ("imagenet", "none"):
+    if not tf.io.gfile.exists(weights):
+      raise FileNotFoundError(f"ResNet-152 weights file not found: {weights}")
+    model.load_weights(weights)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
+  def fn(frames):
+    x = keras.applications.resnet.preprocess_input(tf.cast(frames, tf.float32))
+    return model(x, training=False)
+
+  return FrameEmbedder("resnet152", 2048, image_size, fn)
+
+
+def _hub(path: str, image_size: int) -> FrameEmbedder:
+  import tensorflow_hub as hub  # imported here: only this embedder needs it
+
+  module = hub.load(path)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
+  def fn(frames):
+    return module(tf.cast(frames, tf.float32) / 255.0)
+
+  dim = int(fn(tf.zeros([1, image_size, image_size, 3], tf.uint8)).shape[-1])
+  return FrameEmbedder(f"hub:{path}", dim, image_size, fn)
+
+
+def _tiny(image_size: int) -> FrameEmbedder:
+  init = lambda seed: keras.initializers.HeNormal(seed=seed)
+  inputs = keras.Input([image_size, image_size, 3])
+  x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+  x = keras.layers.Conv2D(16, 5, strides=4, activation="relu", kernel_initializer=init(1))(x)
+  x = keras.layers.Conv2D(32, 3, strides=2, activation="relu", kernel_initializer=init(2))(x)
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  model = keras.Model(inputs, x, name="tiny_frame_embedder")
+
+  @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
+  def fn(frames):
+    return model(tf.cast(frames, tf.float32), training=False)
+
+  return FrameEmbedder("tiny", 32, image_size, fn)
+
+
+EMBEDDERS = ("resnet152", "hub:<path>", "tiny")
+
+
+def build_embedder(spec: str = "resnet152", weights: Optional[str] = None,
+                   image_size: int = 224) -> FrameEmbedder:
+  """Builds a frame embedder from its name (see the module docstring).
+
+  Args:
+    spec: ``resnet152``, ``hub:<module path or URL>`` or ``tiny``.
+    weights: for ``resnet152``: ``imagenet`` (default), ``none``, or a local weights file.
+    image_size: square input size the frames are cropped to.
+  """
+  if spec == "resnet152":
+    return _resnet152(weights, image_size)
+  if spec.startswith("hub:"):
+    return _hub(spec[len("hub:"):], image_size)
+  if spec == "tiny":
+    return _tiny(image_size)
+  raise ValueError(f"Unknown frame embedder. Expected one of {EMBEDDERS}. Received: {spec!r}")

@@ -1,0 +1,208 @@
+"""The log-mel front end: one implementation for data prep, training, serving and TFLite.
+
+Parameters follow the paper (Fayek & Kumar, Sec. 3.1): 16 kHz mono audio, 64 mel bands,
+16 ms windows (256 samples) shifted by 10 ms (160 samples), i.e. 100 frames per second.
+The paper leaves the rest open; our choices, and why:
+
+* Window: periodic Hann of 256 samples (the same as librosa's default ``window="hann"``).
+* FFT length: 512. The 256-sample frame is zero-padded to 512 points; this interpolates the
+  spectrum to 31.25 Hz bins, so that the narrow low-frequency mel bands each cover at least
+  two FFT bins (with a 256-point FFT several of them would see a single 62.5 Hz bin).
+* No centering: frame ``t`` covers samples ``[160 t, 160 t + 256)``; a waveform of ``n``
+  samples gives ``1 + (n - 256) // 160`` frames (999 frames for 10 s). The readers pad or
+  crop to the model's input length (1024 frames = 10.24 s in Table 1), so nothing is
+  truncated at write time.
+* Mel filterbank: Slaney mel scale with Slaney area normalization (librosa's defaults,
+  ``htk=False, norm="slaney"``), fmin = 50 Hz (drops DC and mains hum), fmax = 8 kHz
+  (Nyquist). The matrix is computed once in NumPy here and stored as a constant.
+* Power spectrogram (|X|^2, librosa's default ``power=2``), then ``log(mel + 1e-6)``. The
+  additive floor keeps the function smooth and finite for digital silence (log(1e-6) =
+  -13.8, about 60 dB below a quiet -40 dBFS tone) and converts to TFLite without special ops.
+
+The STFT is ``tf.signal.stft``. Its RFFT used to block TFLite conversion (YAMNet keeps a
+DFT-as-matmul path for that reason); with TensorFlow 2.17 the converter lowers it to the
+builtin ``RFFT2D`` op, which ``tests/features_test.py`` proves by converting the layer with
+``TFLITE_BUILTINS`` only and comparing the interpreter's output with TensorFlow's.
+"""
+
+import dataclasses
+import functools
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class LogMelParams:
+  """Front-end parameters. The defaults are the paper's (see the module docstring)."""
+
+  sample_rate: int = 16000
+  window_length: int = 256  # 16 ms
+  hop_length: int = 160  # 10 ms -> 100 frames per second
+  fft_length: int = 512
+  num_mel_bins: int = 64
+  fmin: float = 50.0
+  fmax: float = 8000.0
+  log_offset: float = 1e-6
+
+  def __post_init__(self):
+    if self.fft_length < self.window_length:
+      raise ValueError(
+          f"fft_length must be >= window_length. Received: fft_length={self.fft_length}, "
+          f"window_length={self.window_length}")
+    if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:
+      raise ValueError(
+          f"Need 0 <= fmin < fmax <= sample_rate / 2. Received: fmin={self.fmin}, "
+          f"fmax={self.fmax}, sample_rate={self.sample_rate}")
+
+  @property
+  def frames_per_second(self) -> float:
+    return self.sample_rate / self.hop_length
+
+  def num_frames(self, num_samples: int) -> int:
+    """Number of log-mel frames for a waveform of `num_samples` samples (0 if too short)."""
+    if num_samples < self.window_length:
+      return 0
+    return 1 + (num_samples - self.window_length) // self.hop_length
+
+  def to_dict(self):
+    return dataclasses.asdict(self)
+
+
+DEFAULT_PARAMS = LogMelParams()
+
+
+def _hz_to_mel(hz):
+  """Slaney mel scale: linear below 1 kHz, logarithmic above (as librosa, htk=False)."""
+  hz = np.asarray(hz, dtype=np.float64)
+  f_sp = 200.0 / 3
+  min_log_hz = 1000.0
+  min_log_mel = min_log_hz / f_sp
+  logstep = np.log(6.4) / 27.0
+  return np.where(hz >= min_log_hz,
+                  min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep,
+                  hz / f_sp)
+
+
+def _mel_to_hz(mel):
+  mel = np.asarray(mel, dtype=np.float64)
+  f_sp = 200.0 / 3
+  min_log_hz = 1000.0
+  min_log_mel = min_log_hz / f_sp
+  logstep = np.log(6.4) / 27.0
+  return np.where(mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)),
+                  f_sp * mel)
+
+
+@functools.lru_cache(maxsize=8)
+def mel_weight_matrix(params: LogMelParams = DEFAULT_PARAMS) -> np.ndarray:
+  """Slaney-normalized triangular mel filters, shape [fft_length // 2 + 1, num_mel_bins]."""
+  num_bins = params.fft_length // 2 + 1
+  fft_hz = np.linspace(0, params.sample_rate / 2, num_bins)
+  mel_edges = np.linspace(_hz_to_mel(params.fmin), _hz_to_mel(params.fmax),
+                          params.num_mel_bins + 2)
+  hz_edges = _mel_to_hz(mel_edges)
+  widths = np.diff(hz_edges)
+  ramps = hz_edges[:, None] - fft_hz[None, :]
+  lower = -ramps[:-2] / widths[:-1, None]
+  upper = ramps[2:] / widths[1:, None]
+  weights = np.maximum(0, np.minimum(lower, upper))
+  weights *= (2.0 / (hz_edges[2:] - hz_edges[:-2]))[:, None]  # Slaney area normalization
+  if not np.all(weights.max(axis=1) > 0):
+    raise ValueError(f"Empty mel filters for {params}; use a longer fft_length or fewer bands.")
+  return weights.T.astype(np.float32)
+
+
+def log_mel_spectrogram(waveform, params: LogMelParams = DEFAULT_PARAMS):
+  """Log-mel spectrogram of 16 kHz mono waveforms.
+
+  Args:
+    waveform: float tensor [..., samples] at `params.sample_rate`, values in [-1, 1].
+    params: front-end parameters.
+
+  Returns:
+    float32 tensor [..., frames, num_mel_bins] with frames = params.num_frames(samples).
+  """
+  waveform = tf.convert_to_tensor(waveform, dtype=tf.float32)
+  stft = tf.signal.stft(
+      waveform,
+      frame_length=params.window_length,
+      frame_step=params.hop_length,
+      fft_length=params.fft_length,
+      window_fn=tf.signal.hann_window,
+      pad_end=False)  # [..., frames, fft_length // 2 + 1]
+  power = tf.math.square(tf.math.real(stft)) + tf.math.square(tf.math.imag(stft))
+  mel = tf.tensordot(power, tf.constant(mel_weight_matrix(params)), axes=1)
+  return tf.math.log(mel + params.log_offset)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_log_mel_fn(params: LogMelParams = DEFAULT_PARAMS):
+  """A traced and XLA-compiled `log_mel_spectrogram` for batches [batch, samples].
+
+  Data preparation calls this on batches of waveforms; it is about 1.5x faster than the
+  eager function on CPU (docs/benchmarks.md). It is the same computation, not a copy.
+  """
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)], jit_compile=True,
+               reduce_retracing=True)
+  def fn(waveforms):
+    return log_mel_spectrogram(waveforms, params)
+
+  return fn
+
+
+def log_mel_numpy(waveform: np.ndarray, params: LogMelParams = DEFAULT_PARAMS) -> np.ndarray:
+  """Log-mel of one 1-D waveform as a NumPy array [frames, bins] (empty if too short)."""
+  waveform = np.asarray(waveform, dtype=np.float32)
+  if waveform.ndim != 1:
+    raise ValueError(f"Expected a 1-D waveform. Received: shape={waveform.shape}")
+  if params.num_frames(waveform.shape[0]) == 0:
+    return np.zeros([0, params.num_mel_bins], np.float32)
+  return compiled_log_mel_fn(params)(waveform[None, :])[0].numpy()
+
+
+@keras.saving.register_keras_serializable(package="av_sound_tf")
+class LogMel(keras.layers.Layer):
+  """Keras layer: waveform [batch, samples] -> log-mel [batch, frames, num_mel_bins].
+
+  The same computation as `log_mel_spectrogram`, so that an exported model (SavedModel or
+  TFLite) takes raw 16 kHz audio.
+
+  Example:
+    >>> layer = LogMel()
+    >>> layer(np.zeros([2, 16000], "float32")).shape
+    TensorShape([2, 99, 64])
+  """
+
+  def __init__(self, sample_rate=16000, window_length=256, hop_length=160, fft_length=512,
+               num_mel_bins=64, fmin=50.0, fmax=8000.0, log_offset=1e-6, **kwargs):
+    super().__init__(**kwargs)
+    self.sample_rate = sample_rate
+    self.window_length = window_length
+    self.hop_length = hop_length
+    self.fft_length = fft_length
+    self.num_mel_bins = num_mel_bins
+    self.fmin = fmin
+    self.fmax = fmax
+    self.log_offset = log_offset
+    self.params = LogMelParams(sample_rate, window_length, hop_length, fft_length,
+                               num_mel_bins, float(fmin), float(fmax), log_offset)
+
+  @classmethod
+  def from_params(cls, params: LogMelParams, **kwargs):
+    return cls(**params.to_dict(), **kwargs)
+
+  def call(self, waveform):
+    return log_mel_spectrogram(waveform, self.params)
+
+  def compute_output_shape(self, input_shape):
+    samples = input_shape[-1]
+    frames = None if samples is None else self.params.num_frames(samples)
+    return tuple(input_shape[:-1]) + (frames, self.num_mel_bins)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(self.params.to_dict())
+    return config

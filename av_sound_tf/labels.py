@@ -1,0 +1,279 @@
+"""The label map and AudioSet's list formats: the one place that knows classes and MIDs.
+
+* `LabelMap`: index <-> MID <-> display name, read from ``class_labels_indices.csv``
+  (``index,mid,display_name``) or built from the labels seen in a file list.
+* `Ontology`: ``ontology.json`` (names, child ids, hierarchy).
+* `read_segments_csv`: AudioSet segment lists (``YTID, start_seconds, end_seconds,
+  positive_labels``) in the official layout and in re-saved copies (comment lines kept or
+  dropped, header with or without ``#``, integer or float seconds, with or without spaces).
+* `read_file_list`: a plain CSV with a ``path`` and a labels column for data that is not
+  from YouTube (ESC-10, your own recordings).
+
+Problems (unknown labels, malformed rows) are returned as `RowProblem` records with line
+numbers; nothing is dropped silently.
+"""
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+from typing import Dict, List, Optional, Sequence
+
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class RowProblem:
+  """A row of an input list that could not be used, and why."""
+
+  source: str
+  line: int
+  reason: str
+
+  def __str__(self):
+    return f"{self.source}:{self.line}: {self.reason}"
+
+
+def _read_text(path):
+  with tf.io.gfile.GFile(path, "r") as f:
+    return f.read()
+
+
+def split_labels(text: str) -> List[str]:
+  """Splits a label field on ',' or ';' and strips whitespace and quotes."""
+  return [t.strip().strip('"').strip() for t in re.split(r"[,;]", text or "") if t.strip()]
+
+
+class LabelMap:
+  """Class index <-> AudioSet MID <-> display name.
+
+  Labels in lists may be given as MIDs (``/m/0bt9lr``) or display names (``Dog``,
+  case-insensitive); `lookup` accepts both.
+  """
+
+  def __init__(self, mids: Sequence[str], names: Sequence[str]):
+    if len(mids) != len(names):
+      raise ValueError(f"mids and names differ in length: {len(mids)} != {len(names)}")
+    if len(set(mids)) != len(mids):
+      raise ValueError("Duplicate MIDs in the label map.")
+    self.mids = list(mids)
+    self.names = list(names)
+    self._by_mid = {m: i for i, m in enumerate(self.mids)}
+    self._by_name = {}
+    for i, n in enumerate(self.names):
+      self._by_name.setdefault(n.lower(), i)
+
+  def __len__(self):
+    return len(self.mids)
+
+  @property
+  def num_classes(self):
+    return len(self.mids)
+
+  def lookup(self, label: str) -> Optional[int]:
+    """Index of a MID or display name, or None when unknown."""
+    label = label.strip()
+    if label in self._by_mid:
+      return self._by_mid[label]
+    return self._by_name.get(label.lower())
+
+  @classmethod
+  def from_csv(cls, path) -> "LabelMap":
+    """Reads ``class_labels_indices.csv`` (``index,mid,display_name``)."""
+    rows = list(csv.DictReader(io.StringIO(_read_text(path))))
+    if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
+      raise ValueError(f"{path}: expected a header 'index,mid,display_name'")
+    rows.sort(key=lambda r: int(r["index"]))
+    if [int(r["index"]) for r in rows] != list(range(len(rows))):
+      raise ValueError(f"{path}: indices must be 0..N-1 without gaps")
+    return cls([r["mid"].strip() for r in rows], [r["display_name"].strip() for r in rows])
+
+  @classmethod
+  def from_labels(cls, labels: Sequence[str], ontology: "Optional[Ontology]" = None):
+    """A label map over the distinct labels seen, sorted; MIDs get names from `ontology`."""
+    distinct = sorted(set(labels))
+    names = [ontology.name(l) if ontology and ontology.name(l) else l for l in distinct]
+    return cls(distinct, names)
+
+  def to_csv(self, path):
+    """Writes the map in the ``class_labels_indices.csv`` layout."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["index", "mid", "display_name"])
+    for i, (m, n) in enumerate(zip(self.mids, self.names)):
+      writer.writerow([i, m, n])
+    with tf.io.gfile.GFile(path, "w") as f:
+      f.write(buf.getvalue())
+
+
+class Ontology:
+  """AudioSet's ``ontology.json``: names, descriptions and the class hierarchy."""
+
+  def __init__(self, nodes: Sequence[dict]):
+    self.nodes = {n["id"]: n for n in nodes}
+    self.parents: Dict[str, List[str]] = {i: [] for i in self.nodes}
+    for n in nodes:
+      for child in n.get("child_ids", []):
+        self.parents.setdefault(child, []).append(n["id"])
+
+  @classmethod
+  def from_json(cls, path) -> "Ontology":
+    return cls(json.loads(_read_text(path)))
+
+  def name(self, mid: str) -> Optional[str]:
+    node = self.nodes.get(mid)
+    return node["name"] if node else None
+
+  def children(self, mid: str) -> List[str]:
+    return list(self.nodes.get(mid, {}).get("child_ids", []))
+
+  def ancestors(self, mid: str) -> List[str]:
+    """All ancestors of `mid` (nearest first, each once)."""
+    seen, order, frontier = set(), [], list(self.parents.get(mid, []))
+    while frontier:
+      m = frontier.pop(0)
+      if m not in seen:
+        seen.add(m)
+        order.append(m)
+        frontier.extend(self.parents.get(m, []))
+    return order
+
+  def roots(self) -> List[str]:
+    return [m for m, p in self.parents.items() if not p and m in self.nodes]
+
+
+@dataclasses.dataclass
+class Segment:
+  """One row of an AudioSet segment list."""
+
+  ytid: str
+  start_seconds: float
+  end_seconds: float
+  labels: List[str]
+  line: int
+
+
+def read_segments_csv(path):
+  """Parses an AudioSet segment list.
+
+  Accepts the official layout (``# Segments csv created ...``, ``# num_ytids=...``, ``#
+  YTID, start_seconds, end_seconds, positive_labels``) and re-saved variants: comment lines
+  dropped, a header line without its ``#``, integer seconds, no spaces after commas.
+
+  Returns:
+    (segments, problems): the parsed `Segment` rows, and a `RowProblem` for each row that
+    is malformed (wrong field count, unparseable or inverted times, empty label list, a
+    duplicate YTID/start pair).
+  """
+  segments, problems, seen = [], [], set()
+  reader = csv.reader(io.StringIO(_read_text(path)), skipinitialspace=True)
+  for line_no, row in enumerate(reader, start=1):
+    if not row or not "".join(row).strip():
+      continue
+    first = row[0].strip()
+    if first.startswith("#"):
+      continue
+    if first.upper() == "YTID":  # a header whose '#' was lost in a re-save
+      continue
+    if len(row) != 4:
+      problems.append(RowProblem(path, line_no, f"expected 4 fields, found {len(row)}"))
+      continue
+    try:
+      start, end = float(row[1]), float(row[2])
+    except ValueError:
+      problems.append(RowProblem(path, line_no, f"bad start/end seconds {row[1]!r}, {row[2]!r}"))
+      continue
+    if not (0 <= start < end):
+      problems.append(RowProblem(path, line_no, f"start {start} is not before end {end}"))
+      continue
+    labels = split_labels(row[3])
+    if not labels:
+      problems.append(RowProblem(path, line_no, "empty label list"))
+      continue
+    key = (first, start)
+    if key in seen:
+      problems.append(RowProblem(path, line_no, f"duplicate segment {first} at {start} s"))
+      continue
+    seen.add(key)
+    segments.append(Segment(first, start, end, labels, line_no))
+  return segments, problems
+
+
+@dataclasses.dataclass
+class FileListRow:
+  """One row of a ``path,labels`` file list."""
+
+  path: str
+  labels: List[str]
+  line: int
+  extra: Dict[str, str]
+
+
+def read_file_list(path, label_column="labels", path_column="path"):
+  """Reads a CSV with a header holding at least a path column and a labels column.
+
+  Labels are MIDs or class names separated by ',' or ';'. Relative paths are taken
+  relative to the CSV's folder.
+
+  Returns:
+    (rows, problems).
+  """
+  text = _read_text(path)
+  reader = csv.DictReader(io.StringIO(text), skipinitialspace=True)
+  fields = [f.strip() for f in (reader.fieldnames or [])]
+  reader.fieldnames = fields
+  missing = [c for c in (path_column, label_column) if c not in fields]
+  if missing:
+    raise ValueError(f"{path}: the header has no column {', '.join(missing)}; "
+                     f"columns are {fields}")
+  base = os.path.dirname(path)
+  rows, problems = [], []
+  for row in reader:
+    line_no = reader.line_num
+    if None in row or any(row.get(c) is None for c in fields):
+      problems.append(RowProblem(path, line_no, "wrong number of fields"))
+      continue
+    media = (row[path_column] or "").strip()
+    if not media:
+      problems.append(RowProblem(path, line_no, "empty path"))
+      continue
+    if not (os.path.isabs(media) or "://" in media):
+      media = os.path.join(base, media)
+    labels = split_labels(row[label_column])
+    if not labels:
+      problems.append(RowProblem(path, line_no, "empty label list"))
+      continue
+    extra = {k: v for k, v in row.items() if k not in (path_column, label_column)}
+    rows.append(FileListRow(media, labels, line_no, extra))
+  return rows, problems
+
+
+# <YTID>.ext, Y<YTID>.ext (PANNs), <YTID>_<start>_<end>.ext and <YTID>_<start>.ext
+# (start/end as integers, floats or milliseconds as written by common downloaders).
+_YTID = r"[A-Za-z0-9_-]{11}"
+_NAME_PATTERNS = (
+    re.compile(rf"^(?P<ytid>{_YTID})_(?P<start>\d+(?:\.\d+)?)(?:_(?P<end>\d+(?:\.\d+)?))?$"),
+    re.compile(rf"^Y(?P<ytid>{_YTID})(?:_(?P<start>\d+(?:\.\d+)?)(?:_(?P<end>\d+(?:\.\d+)?))?)?$"),
+    re.compile(rf"^(?P<ytid>{_YTID})$"),
+)
+
+
+def parse_media_name(filename: str):
+  """Returns (ytid, start or None, end or None) for names users give AudioSet downloads.
+
+  >>> parse_media_name("--PJHxphWEs_30_40.wav")
+  ('--PJHxphWEs', 30.0, 40.0)
+  >>> parse_media_name("Y--PJHxphWEs.mp4")
+  ('--PJHxphWEs', None, None)
+  """
+  stem = os.path.splitext(os.path.basename(filename))[0]
+  for pattern in _NAME_PATTERNS:
+    m = pattern.match(stem)
+    if m:
+      d = m.groupdict()
+      start = float(d["start"]) if d.get("start") else None
+      end = float(d["end"]) if d.get("end") else None
+      return d["ytid"], start, end
+  return None, None, None

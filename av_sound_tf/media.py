@@ -1,0 +1,251 @@
+"""Decoding audio files and video containers with PyAV (FFmpeg).
+
+Why PyAV: measured on the development machine (2 cores), per 5 s ESC-10 OGG clip,
+tensorflow-io's ``AudioIOTensor`` decode took 32 ms plus 107 ms for ``tfio.audio.resample``;
+PyAV decode plus FFmpeg's swresample took 10.5 ms. tensorflow-io's video ops also need FFmpeg
+4.2/3.4/2.8 shared libraries that current systems lack, while PyAV ships its own FFmpeg. One
+decoder therefore serves audio files (wav, flac, ogg, mp3, m4a, ...) and video containers
+(mp4, webm, mkv, avi, ...).
+
+Audio is resampled by swresample; channels are then averaged (librosa's ``to_mono``
+convention: a tone at amplitude a in both channels stays at amplitude a. FFmpeg's own
+stereo-to-mono matrix adds the channels at -3 dB each, which raises correlated content by 3 dB
+and can clip). Every failure is raised as `MediaError` whose message
+names the file and the reason; callers record it and move on.
+"""
+
+import dataclasses
+import os
+
+import av
+import numpy as np
+import tensorflow as tf
+
+SAMPLE_RATE = 16000
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".m4a", ".aac", ".opus", ".wma",
+                    ".aiff", ".aif")
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
+                    ".3gp", ".ogv", ".wmv")
+MEDIA_EXTENSIONS = AUDIO_EXTENSIONS + VIDEO_EXTENSIONS
+
+
+class MediaError(Exception):
+  """A media file could not be used; the message names the file and the reason."""
+
+  def __init__(self, path, reason):
+    super().__init__(f"{path}: {reason}")
+    self.path = path
+    self.reason = reason
+
+
+@dataclasses.dataclass
+class MediaInfo:
+  """What a container holds, read from its headers."""
+
+  path: str
+  duration_seconds: float
+  has_audio: bool
+  has_video: bool
+  audio_codec: str = ""
+  video_codec: str = ""
+
+
+def _open(path):
+  """Opens a local path directly, anything else (gs://, ...) through tf.io.gfile."""
+  try:
+    if "://" in path:
+      return av.open(tf.io.gfile.GFile(path, "rb"))
+    return av.open(path)
+  except FileNotFoundError as e:
+    raise MediaError(path, "file not found") from e
+  except (av.error.FFmpegError, OSError, ValueError, tf.errors.OpError) as e:
+    raise MediaError(path, f"not a readable media file ({_short(e)})") from e
+
+
+def _short(error):
+  text = str(error).strip() or type(error).__name__
+  return text.splitlines()[0][:200]
+
+
+def _duration(container):
+  if container.duration:
+    return container.duration / av.time_base
+  best = 0.0
+  for stream in container.streams:
+    if stream.duration and stream.time_base:
+      best = max(best, float(stream.duration * stream.time_base))
+  return best
+
+
+def probe(path) -> MediaInfo:
+  """Reads duration and streams of a media file without decoding it."""
+  with _open(path) as container:
+    audio = container.streams.audio
+    video = [s for s in container.streams.video if not _is_cover_art(s)]
+    return MediaInfo(
+        path=path,
+        duration_seconds=_duration(container),
+        has_audio=bool(audio),
+        has_video=bool(video),
+        audio_codec=audio[0].codec_context.name if audio else "",
+        video_codec=video[0].codec_context.name if video else "")
+
+
+def _is_cover_art(stream):
+  # mp3/m4a files can carry a still image as an "attached picture" video stream.
+  return bool(stream.disposition & av.stream.Disposition.attached_pic)
+
+
+def decode_audio(path, start_seconds=None, end_seconds=None,
+                 sample_rate=SAMPLE_RATE) -> np.ndarray:
+  """Decodes the first audio track to mono float32 at `sample_rate`.
+
+  Args:
+    path: audio or video file (local path or any tf.io.gfile URL).
+    start_seconds: optional start of the segment to keep (seconds from the file's start).
+    end_seconds: optional end of the segment (exclusive).
+    sample_rate: output sample rate.
+
+  Returns:
+    float32 array [samples], values in [-1, 1].
+
+  Raises:
+    MediaError: no audio track, undecodable audio, or no samples in the segment.
+  """
+  with _open(path) as container:
+    if not container.streams.audio:
+      raise MediaError(path, "no audio track")
+    stream = container.streams.audio[0]
+    stream.thread_type = "AUTO"
+    resampler = av.AudioResampler(format="fltp", rate=sample_rate)  # keeps the layout
+    chunks = []
+    first_time = None
+    seek_from = 0.0
+    if start_seconds and start_seconds > 0:
+      # Seek lands at or before the wanted time; decoded frames carry their own times.
+      try:
+        container.seek(int(start_seconds * av.time_base), any_frame=False)
+        seek_from = start_seconds
+      except av.error.FFmpegError:
+        seek_from = 0.0
+    try:
+      for packet in container.demux(stream):
+        for frame in packet.decode():
+          if first_time is None:
+            first_time = frame.time if frame.time is not None else seek_from
+          for out in resampler.resample(frame):
+            chunks.append(out.to_ndarray().mean(axis=0))
+          if end_seconds is not None and frame.time is not None and frame.time > end_seconds:
+            break
+        else:
+          continue
+        break
+      for out in resampler.resample(None):
+        chunks.append(out.to_ndarray().mean(axis=0))
+    except (av.error.FFmpegError, ValueError) as e:
+      if not chunks:
+        raise MediaError(path, f"audio track does not decode ({_short(e)})") from e
+      # Keep what decoded before a corrupt tail; the caller sees the shorter length.
+  if not chunks:
+    raise MediaError(path, "audio track holds no samples")
+  waveform = np.concatenate(chunks).astype(np.float32, copy=False)
+  offset = (first_time or 0.0)
+  begin = 0
+  if start_seconds is not None:
+    begin = max(0, int(round((start_seconds - offset) * sample_rate)))
+  stop = waveform.shape[0]
+  if end_seconds is not None:
+    stop = min(stop, max(begin, int(round((end_seconds - offset) * sample_rate))))
+  waveform = waveform[begin:stop]
+  if waveform.size == 0:
+    raise MediaError(path, f"no audio samples between {start_seconds} s and {end_seconds} s")
+  if not np.all(np.isfinite(waveform)):
+    raise MediaError(path, "audio decodes to NaN or Inf samples")
+  return np.clip(waveform, -1.0, 1.0)
+
+
+def _fit_frame(frame, image_size):
+  """Resizes the shorter side to image_size * 256 / 224 and center-crops image_size^2.
+
+  The standard ImageNet evaluation transform (resize 256, center crop 224).
+  """
+  width, height = frame.width, frame.height
+  scale = image_size * 256 / 224 / min(width, height)
+  new_w = max(image_size, int(round(width * scale)))
+  new_h = max(image_size, int(round(height * scale)))
+  rgb = frame.to_ndarray(format="rgb24", width=new_w, height=new_h)
+  top = (new_h - image_size) // 2
+  left = (new_w - image_size) // 2
+  return rgb[top:top + image_size, left:left + image_size]
+
+
+def sample_video_frames(path, num_frames=64, image_size=224, start_seconds=None,
+                        end_seconds=None) -> np.ndarray:
+  """Samples `num_frames` frames uniformly over a video segment (paper Sec. 3.2).
+
+  Frame k is the first decoded frame at or after time start + (k + 0.5) * duration /
+  num_frames; a video that ends early repeats its last frame. Frames are resized and
+  center-cropped to image_size x image_size RGB.
+
+  Returns:
+    uint8 array [num_frames, image_size, image_size, 3].
+
+  Raises:
+    MediaError: no video track or no decodable frame.
+  """
+  with _open(path) as container:
+    streams = [s for s in container.streams.video if not _is_cover_art(s)]
+    if not streams:
+      raise MediaError(path, "no video track")
+    stream = streams[0]
+    stream.thread_type = "AUTO"
+    start = float(start_seconds or 0.0)
+    end = end_seconds if end_seconds is not None else _duration(container)
+    if not end or end <= start:
+      end = start + 1.0  # unknown duration: targets fall back to the first frames
+    targets = [start + (k + 0.5) * (end - start) / num_frames for k in range(num_frames)]
+    if start > 0:
+      try:
+        container.seek(int(start * av.time_base), any_frame=False)
+      except av.error.FFmpegError:
+        pass
+    picked = []
+    last = None
+    try:
+      for frame in container.decode(stream):
+        last = frame
+        time = frame.time if frame.time is not None else 0.0
+        while len(picked) < num_frames and time >= targets[len(picked)]:
+          picked.append(_fit_frame(frame, image_size))
+        if len(picked) == num_frames:
+          break
+    except (av.error.FFmpegError, ValueError) as e:
+      if last is None:
+        raise MediaError(path, f"video track does not decode ({_short(e)})") from e
+    if last is None:
+      raise MediaError(path, "video track holds no frames")
+    if len(picked) < num_frames:
+      tail = _fit_frame(last, image_size)
+      picked.extend([tail] * (num_frames - len(picked)))
+  return np.stack(picked)
+
+
+def media_kind(path) -> str:
+  """'audio', 'video' or '' from the file extension (containers are probed later anyway)."""
+  ext = os.path.splitext(path)[1].lower()
+  if ext in AUDIO_EXTENSIONS:
+    return "audio"
+  if ext in VIDEO_EXTENSIONS:
+    return "video"
+  return ""
+
+
+def digital_silence_fraction(waveform: np.ndarray, sample_rate=SAMPLE_RATE) -> float:
+  """Fraction of 100 ms blocks that are exactly zero (a sign of a broken or missing track)."""
+  block = sample_rate // 10
+  n = waveform.shape[0] // block
+  if n == 0:
+    return float(np.all(waveform == 0))
+  blocks = waveform[:n * block].reshape(n, block)
+  return float(np.mean(np.all(blocks == 0, axis=1)))
+

@@ -1,0 +1,1 @@
+"""Data preparation: media files and AudioSet lists to sharded TFRecords."""

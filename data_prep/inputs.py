@@ -1,0 +1,152 @@
+"""Turns user inputs (a ``path,labels`` CSV, or an AudioSet segment list plus a media folder)
+into `ClipJob`s: one per media input, with its labels resolved through the label map.
+
+Every input ends up somewhere: a job (later written or failed), a list problem (malformed
+row, reported with its line number), an unmatched file, or a segment row without media.
+"""
+
+import dataclasses
+import os
+from typing import Dict, List, Optional
+
+import tensorflow as tf
+
+from av_sound_tf import labels as labels_lib
+from av_sound_tf import media
+
+
+@dataclasses.dataclass
+class ClipJob:
+  """One media input to prepare."""
+
+  index: int  # position in the input order; shard assignment is derived from it
+  clip_id: str
+  path: str
+  split: str
+  label_indices: List[int]
+  label_mids: List[str]
+  start_seconds: Optional[float] = None
+  end_seconds: Optional[float] = None
+  # "always": cut [start, end]; "auto": cut only if the file is longer than the segment
+  # (a full YouTube video named <YTID>.mp4); "never": the file is the clip.
+  trim: str = "never"
+  error: str = ""  # a reason known before decoding (unknown labels) -> failed, not decoded
+
+
+@dataclasses.dataclass
+class Inputs:
+  jobs: List[ClipJob]
+  label_map: labels_lib.LabelMap
+  problems: List[labels_lib.RowProblem]  # malformed rows, each an input that failed
+  unmatched_files: List[str]  # media files without a row (segment-list mode)
+  missing_media: List[labels_lib.Segment]  # rows without a media file (segment-list mode)
+
+
+def _resolve(raw_labels, label_map):
+  """(indices, mids, error) for a row's labels; unknown labels fail the row, never dropped."""
+  indices, mids, unknown = [], [], []
+  for label in raw_labels:
+    i = label_map.lookup(label)
+    if i is None:
+      unknown.append(label)
+    elif i not in indices:
+      indices.append(i)
+      mids.append(label_map.mids[i])
+  error = f"unknown label(s) {', '.join(repr(u) for u in unknown)}" if unknown else ""
+  return indices, mids, error
+
+
+def _clip_id_from_path(path, base):
+  rel = os.path.relpath(path, base) if base and not "://" in path else os.path.basename(path)
+  return os.path.splitext(rel)[0].replace(os.sep, "/")
+
+
+def _float_or_none(text):
+  try:
+    return float(text) if text not in (None, "") else None
+  except ValueError:
+    return None
+
+
+def from_file_list(file_list, label_map=None, ontology=None, label_column="labels",
+                   split_column="", default_split="data") -> Inputs:
+  """Jobs from a CSV with ``path`` and labels columns.
+
+  Optional columns ``start_seconds`` and ``end_seconds`` cut a segment out of each file.
+  `split_column` (e.g. ``fold``) sends rows to per-split shard sets named after its value.
+  Without `label_map`, the label space is the distinct labels seen.
+  """
+  rows, problems = labels_lib.read_file_list(file_list, label_column=label_column)
+  if label_map is None:
+    label_map = labels_lib.LabelMap.from_labels([l for r in rows for l in r.labels], ontology)
+  base = os.path.dirname(file_list)
+  jobs, seen_ids = [], {}
+  for row in rows:
+    if split_column and split_column not in row.extra:
+      raise ValueError(f"{file_list}: no column {split_column!r} for --split_column")
+    split = (row.extra.get(split_column) or "").strip() if split_column else default_split
+    split = _safe_split(split) or default_split
+    indices, mids, error = _resolve(row.labels, label_map)
+    clip_id = _clip_id_from_path(row.path, base)
+    if clip_id in seen_ids:
+      problems.append(labels_lib.RowProblem(
+          file_list, row.line, f"duplicate path {row.path} (first on line {seen_ids[clip_id]})"))
+      continue
+    seen_ids[clip_id] = row.line
+    start = _float_or_none(row.extra.get("start_seconds"))
+    end = _float_or_none(row.extra.get("end_seconds"))
+    jobs.append(ClipJob(len(jobs), clip_id, row.path, split, indices, mids, start, end,
+                        trim="always" if (start is not None or end is not None) else "never",
+                        error=error))
+  return Inputs(jobs, label_map, problems, [], [])
+
+
+def _safe_split(name):
+  return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def list_media_files(media_dir) -> List[str]:
+  """All media files under `media_dir` (recursive, sorted; non-media files ignored)."""
+  found = []
+  for root, _, files in tf.io.gfile.walk(media_dir):
+    for f in files:
+      if media.media_kind(f):
+        found.append(tf.io.gfile.join(root, f))
+  return sorted(found)
+
+
+def from_segments(segments_csv, media_dir, label_map, split="data") -> Inputs:
+  """Jobs from an AudioSet segment list and a folder of downloaded media.
+
+  Files are matched to rows by YouTube id as users name them: ``<YTID>.ext``,
+  ``Y<YTID>.ext``, ``<YTID>_<start>_<end>.ext`` or ``<YTID>_<start>.ext`` (start/end in
+  seconds or milliseconds). A name with times is taken as the already cut segment; a bare
+  ``<YTID>`` file is cut to the row's segment when it is longer than the segment.
+  """
+  segments, problems = labels_lib.read_segments_csv(segments_csv)
+  by_ytid: Dict[str, List[labels_lib.Segment]] = {}
+  for seg in segments:
+    by_ytid.setdefault(seg.ytid, []).append(seg)
+  jobs, unmatched, used = [], [], set()
+  for path in list_media_files(media_dir):
+    ytid, start, end = labels_lib.parse_media_name(path)
+    candidates = by_ytid.get(ytid, []) if ytid else []
+    seg = None
+    if start is not None:
+      for c in candidates:
+        if abs(c.start_seconds - start) < 0.5 or abs(c.start_seconds - start / 1000) < 0.5:
+          seg = c
+          break
+    elif len(candidates) == 1:
+      seg = candidates[0]
+    if seg is None or id(seg) in used:
+      unmatched.append(path)
+      continue
+    used.add(id(seg))
+    indices, mids, error = _resolve(seg.labels, label_map)
+    jobs.append(ClipJob(
+        len(jobs), f"{seg.ytid}_{seg.start_seconds:g}", path, split, indices, mids,
+        seg.start_seconds, seg.end_seconds,
+        trim="never" if start is not None else "auto", error=error))
+  missing = [s for s in segments if id(s) not in used]
+  return Inputs(jobs, label_map, problems, unmatched, missing)

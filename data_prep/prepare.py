@@ -1,0 +1,511 @@
+"""The single-machine preparation pipeline: `ClipJob`s -> sharded TFRecords + manifest.
+
+Design:
+* Workers (processes; ``num_workers=0`` runs in-process, e.g. for a GPU embedder) decode,
+  compute the log-mel front end and frame embeddings and serialize one Example per clip.
+  The main process writes shards in input order, so a run is deterministic.
+* Shards: the jobs of each split are cut into ``num_shards`` contiguous blocks, shard ``k``
+  written as ``<split>-0000k-of-0000N.tfrecord``. A shard is written to
+  ``<name>.incomplete`` and renamed when complete; then its manifest part
+  ``.manifest/<name>.csv`` is written the same way. The manifest part is the commit mark.
+* Resume: a rerun with the same inputs and flags skips shards whose manifest part exists and
+  redoes the others from scratch, so an interrupted run ends with every input exactly once.
+* Accounting: ``manifest.csv`` has one row per input (``written`` with shard and index, or
+  ``failed`` with the reason), including malformed list rows and media files without a
+  row. Segment rows without a media file go to ``missing_media.csv``.
+"""
+
+import collections
+import csv
+import dataclasses
+import io
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from typing import List, Optional, Tuple
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from av_sound_tf import features
+from av_sound_tf import media
+from av_sound_tf import schema
+from data_prep import inputs as inputs_lib
+
+MANIFEST = "manifest.csv"
+MANIFEST_PARTS = ".manifest"
+MISSING_MEDIA = "missing_media.csv"
+RUN_CONFIG = "prepare_config.json"
+MANIFEST_COLUMNS = ("path", "status", "reason", "clip_id", "split", "shard", "index_in_shard",
+                    "labels", "num_frames", "duration_seconds", "has_audio", "has_video",
+                    "warnings")
+MODALITIES = ("audio", "visual")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+  """Everything that decides what the shards contain (stored as prepare_config.json)."""
+
+  output_dir: str
+  modalities: Tuple[str, ...] = ("audio",)
+  num_shards: int = 0  # per split; 0: ceil(examples / examples_per_shard)
+  examples_per_shard: int = 1000
+  min_audio_seconds: float = 0.1
+  allow_missing_modality: bool = False
+  embedder: str = "resnet152"
+  embedder_weights: Optional[str] = None
+  image_size: int = 224
+  num_video_frames: int = 64
+  store_frame_embeddings: bool = False
+  log_mel: features.LogMelParams = features.DEFAULT_PARAMS
+
+  def __post_init__(self):
+    bad = [m for m in self.modalities if m not in MODALITIES]
+    if bad or not self.modalities:
+      raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}. "
+                       f"Received: {self.modalities}")
+
+  @property
+  def audio(self):
+    return "audio" in self.modalities
+
+  @property
+  def visual(self):
+    return "visual" in self.modalities
+
+  def content_dict(self):
+    """The fields that change shard contents (a resumed run must match them)."""
+    d = dataclasses.asdict(self)
+    d.pop("output_dir")
+    d["modalities"] = list(self.modalities)
+    if not self.visual:
+      for k in ("embedder", "embedder_weights", "image_size", "num_video_frames",
+                "store_frame_embeddings"):
+        d.pop(k)
+    return d
+
+
+@dataclasses.dataclass
+class ClipResult:
+  status: str  # "written" or "failed"
+  reason: str = ""
+  example: bytes = b""
+  num_frames: int = 0
+  duration_seconds: float = 0.0
+  has_audio: bool = False
+  has_video: bool = False
+  warnings: str = ""
+  embedding_dim: int = 0
+
+
+class ClipProcessor:
+  """Decodes one clip and builds its serialized Example. One instance per worker."""
+
+  def __init__(self, config: PrepareConfig):
+    self.config = config
+    self._embedder = None
+    self._log_mel_fn = features.compiled_log_mel_fn(config.log_mel)
+
+  @property
+  def embedder(self):
+    if self._embedder is None:  # built lazily: loading ResNet-152 takes seconds
+      from av_sound_tf import embedders
+      self._embedder = embedders.build_embedder(
+          self.config.embedder, self.config.embedder_weights, self.config.image_size)
+    return self._embedder
+
+  def _segment(self, job):
+    if job.trim == "always":
+      return job.start_seconds, job.end_seconds
+    if job.trim == "auto" and job.start_seconds is not None and job.end_seconds is not None:
+      duration = media.probe(job.path).duration_seconds
+      if duration > (job.end_seconds - job.start_seconds) + 1.0:
+        return job.start_seconds, job.end_seconds
+    return None, None
+
+  def log_mel(self, waveform):
+    """Log-mel of one waveform. The input is zero-padded to whole seconds so that the
+    compiled front end sees few distinct shapes; frames past the true length are dropped
+    (frames do not overlap the padding, so this is exact)."""
+    params = self.config.log_mel
+    n = waveform.shape[0]
+    bucket = -(-n // params.sample_rate) * params.sample_rate
+    padded = np.zeros([1, bucket], np.float32)
+    padded[0, :n] = waveform
+    return self._log_mel_fn(padded)[0, :params.num_frames(n)].numpy()
+
+  def __call__(self, job: inputs_lib.ClipJob) -> ClipResult:
+    if job.error:
+      return ClipResult("failed", job.error)
+    try:
+      return self._process(job)
+    except media.MediaError as e:
+      return ClipResult("failed", e.reason)
+    except Exception as e:  # pylint: disable=broad-except
+      # Unknown failures are recorded with their type, never allowed to stop the run.
+      logging.debug("Unexpected error on %s:\n%s", job.path, traceback.format_exc())
+      return ClipResult("failed", f"unexpected {type(e).__name__}: {str(e)[:200]}")
+
+  def _process(self, job):
+    cfg = self.config
+    start, end = self._segment(job)
+    warnings = []
+    log_mel, duration = None, 0.0
+    if cfg.audio:
+      try:
+        waveform = media.decode_audio(job.path, start, end, cfg.log_mel.sample_rate)
+      except media.MediaError as e:
+        if not (cfg.allow_missing_modality and cfg.visual):
+          raise
+        warnings.append(f"audio missing: {e.reason}")
+        waveform = None
+      if waveform is not None:
+        duration = waveform.shape[0] / cfg.log_mel.sample_rate
+        if duration < max(cfg.min_audio_seconds,
+                          cfg.log_mel.window_length / cfg.log_mel.sample_rate):
+          raise media.MediaError(job.path, f"audio too short: {duration:.3f} s "
+                                 f"(minimum {cfg.min_audio_seconds} s)")
+        silence = media.digital_silence_fraction(waveform, cfg.log_mel.sample_rate)
+        if silence >= 0.5:
+          warnings.append(f"audio is digital silence for {silence:.0%} of its length")
+        log_mel = self.log_mel(waveform)
+    embedding_mean = per_frame = None
+    num_video_frames = 0
+    if cfg.visual:
+      try:
+        frames = media.sample_video_frames(job.path, cfg.num_video_frames, cfg.image_size,
+                                           start, end)
+      except media.MediaError as e:
+        if not (cfg.allow_missing_modality and log_mel is not None):
+          raise
+        warnings.append(f"video missing: {e.reason}")
+        frames = None
+      if frames is not None:
+        embedding_mean, per_frame = self.embedder.embed_clip(frames)
+        num_video_frames = frames.shape[0]
+        if not duration:
+          duration = (end - start) if end is not None else media.probe(job.path).duration_seconds
+    if log_mel is None and embedding_mean is None:
+      raise media.MediaError(job.path, "neither audio nor video could be decoded")
+    example = schema.make_example(
+        clip_id=job.clip_id, source_path=job.path, label_indices=job.label_indices,
+        label_mids=job.label_mids, start_seconds=start or 0.0,
+        end_seconds=end if end is not None else (start or 0.0) + duration,
+        duration_seconds=duration, log_mel=log_mel, embedding_mean=embedding_mean,
+        frame_embeddings=per_frame if cfg.store_frame_embeddings else None,
+        num_video_frames=num_video_frames)
+    return ClipResult(
+        "written", example=example.SerializeToString(),
+        num_frames=0 if log_mel is None else log_mel.shape[0], duration_seconds=duration,
+        has_audio=log_mel is not None, has_video=embedding_mean is not None,
+        warnings="; ".join(warnings),
+        embedding_dim=0 if embedding_mean is None else embedding_mean.shape[0])
+
+
+_WORKER = None
+
+
+def _init_worker(config):
+  global _WORKER
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # One thread per worker process: the parallelism comes from the processes.
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+  tf.config.threading.set_inter_op_parallelism_threads(1)
+  _WORKER = ClipProcessor(config)
+
+
+def _work(job):
+  return _WORKER(job)
+
+
+class Progress:
+  """Logs clips done, rate, ETA and failures at most every `every` seconds."""
+
+  def __init__(self, total, already_done=0, every=5.0, log=logging.info):
+    self.total, self.done, self.failed = total, already_done, 0
+    self.start_done = already_done
+    self.every, self.log = every, log
+    self.t0 = self.last = time.time()
+
+  def update(self, failed=False):
+    self.done += 1
+    self.failed += int(failed)
+    now = time.time()
+    if now - self.last >= self.every or self.done == self.total:
+      self.last = now
+      self.log("%s", self.line())
+
+  def rate(self):
+    elapsed = max(time.time() - self.t0, 1e-9)
+    return (self.done - self.start_done) / elapsed
+
+  def line(self):
+    rate = self.rate()
+    left = self.total - self.done
+    eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "?"
+    pct = 100.0 * self.done / max(self.total, 1)
+    return (f"[prepare] {self.done}/{self.total} clips ({pct:.1f}%), {rate:.1f} clips/s, "
+            f"ETA {eta}, {self.failed} failed")
+
+
+def _atomic_write_text(path, text):
+  tmp = path + ".incomplete"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _csv_text(rows, header=MANIFEST_COLUMNS):
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n", extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(rows)
+  return buf.getvalue()
+
+
+def _read_csv(path):
+  with tf.io.gfile.GFile(path) as f:
+    return list(csv.DictReader(f))
+
+
+def _manifest_row(job, result, shard="", index_in_shard=""):
+  return {
+      "path": job.path, "status": result.status, "reason": result.reason,
+      "clip_id": job.clip_id, "split": job.split, "shard": shard,
+      "index_in_shard": index_in_shard, "labels": ";".join(job.label_mids),
+      "num_frames": result.num_frames, "duration_seconds": f"{result.duration_seconds:.3f}",
+      "has_audio": int(result.has_audio), "has_video": int(result.has_video),
+      "warnings": result.warnings,
+  }
+
+
+@dataclasses.dataclass
+class Summary:
+  """What a run did; `failure_fraction` decides the exit status of bin/prepare_data."""
+
+  total: int
+  written: int
+  failed: int
+  skipped_shards: int
+  reasons: collections.Counter
+  splits: dict
+  unmatched_files: int
+  missing_media: int
+  elapsed_seconds: float
+  clips_per_second: float
+  output_dir: str
+
+  @property
+  def failure_fraction(self):
+    return self.failed / max(self.total, 1)
+
+  def table(self):
+    lines = [f"Prepared {self.total} inputs into {self.output_dir} in "
+             f"{self.elapsed_seconds:.1f} s ({self.clips_per_second:.1f} clips/s):",
+             f"  written {self.written}, failed {self.failed} "
+             f"({100 * self.failure_fraction:.1f} %)"]
+    if self.skipped_shards:
+      lines.append(f"  resumed: {self.skipped_shards} complete shard(s) kept from a previous run")
+    lines.append("  split        shards   examples")
+    for name, s in sorted(self.splits.items()):
+      lines.append(f"  {name:<12} {s['num_shards']:>6}   {s['num_examples']:>8}")
+    if self.reasons:
+      lines.append("  failures by reason:")
+      for reason, n in self.reasons.most_common():
+        lines.append(f"    {n:>6}  {reason}")
+    if self.unmatched_files:
+      lines.append(f"  {self.unmatched_files} media file(s) had no row in the list (failed)")
+    if self.missing_media:
+      lines.append(f"  {self.missing_media} list row(s) had no media file: see {MISSING_MEDIA}")
+    lines.append(f"  manifest: {tf.io.gfile.join(self.output_dir, MANIFEST)}")
+    return "\n".join(lines)
+
+
+def _reason_kind(reason):
+  return reason.split(" (")[0].split(": ")[0] if reason else ""
+
+
+def _check_run_config(config, inputs_fingerprint):
+  path = tf.io.gfile.join(config.output_dir, RUN_CONFIG)
+  current = {"config": config.content_dict(), "inputs": inputs_fingerprint}
+  current = json.loads(json.dumps(current))
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      previous = json.load(f)
+    if previous != current:
+      raise ValueError(
+          f"{config.output_dir} holds a run with other inputs or flags ({path}); a resumed "
+          "run must use the same ones. Use a new --output_dir, or --overwrite.")
+  else:
+    _atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
+
+
+def _fingerprint(jobs):
+  import hashlib
+  h = hashlib.sha256()
+  for j in jobs:
+    h.update(f"{j.clip_id}|{j.path}|{j.split}|{j.label_indices}|{j.start_seconds}|"
+             f"{j.end_seconds}|{j.error}\n".encode())
+  return {"num_jobs": len(jobs), "sha256": h.hexdigest()}
+
+
+def assign_shards(jobs, config):
+  """{split: (num_shards, [(job, shard_index), ...])}, jobs in input order."""
+  by_split = collections.defaultdict(list)
+  for job in jobs:
+    by_split[job.split].append(job)
+  plan = {}
+  for split, split_jobs in sorted(by_split.items()):
+    n = len(split_jobs)
+    num_shards = config.num_shards or -(-n // config.examples_per_shard)
+    num_shards = max(1, min(num_shards, n))
+    plan[split] = (num_shards, [(j, i * num_shards // n) for i, j in enumerate(split_jobs)])
+  return plan
+
+
+def prepare(inputs: inputs_lib.Inputs, config: PrepareConfig, num_workers: int = 2,
+            overwrite: bool = False, progress_every: float = 5.0) -> Summary:
+  """Writes sharded TFRecords, the manifest and dataset_info.json for `inputs`.
+
+  Args:
+    inputs: the jobs and list problems (see data_prep.inputs).
+    config: what to compute.
+    num_workers: worker processes; 0 runs in this process.
+    overwrite: delete an existing run in config.output_dir first.
+    progress_every: seconds between progress lines.
+
+  Returns:
+    A `Summary`.
+  """
+  t0 = time.time()
+  out = config.output_dir
+  if overwrite and tf.io.gfile.exists(out):
+    tf.io.gfile.rmtree(out)
+  tf.io.gfile.makedirs(tf.io.gfile.join(out, MANIFEST_PARTS))
+  _check_run_config(config, _fingerprint(inputs.jobs))
+  inputs.label_map.to_csv(tf.io.gfile.join(out, schema.LABELS_FILE))
+  for stale in tf.io.gfile.glob(tf.io.gfile.join(out, "*.incomplete")):
+    tf.io.gfile.remove(stale)
+
+  plan = assign_shards(inputs.jobs, config)
+  pending, shard_names, skipped = [], {}, 0
+  for split, (num_shards, assigned) in plan.items():
+    for k in range(num_shards):
+      shard_names[(split, k)] = schema.shard_name(split, k, num_shards)
+    done = {k for k in range(num_shards) if _shard_complete(out, shard_names[(split, k)])}
+    skipped += len(done)
+    pending.extend((job, shard_names[(split, k)]) for job, k in assigned if k not in done)
+
+  total = len(inputs.jobs)
+  progress = Progress(total, already_done=total - len(pending), every=progress_every)
+  logging.info("[prepare] %d inputs, %d to process (%d complete shards kept), %d workers",
+               total, len(pending), skipped, num_workers)
+
+  pool = None
+  if num_workers > 0 and pending:
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(config,))
+    results = pool.imap(_work, [job for job, _ in pending], chunksize=2)
+  else:
+    processor = ClipProcessor(config)
+    results = (processor(job) for job, _ in pending)
+
+  writer = None
+  current, rows, index_in_shard = None, [], 0
+  try:
+    for (job, name), result in zip(pending, results):
+      if name != current:
+        if writer is not None:
+          _finish_shard(out, current, writer, rows)
+        current, rows, index_in_shard = name, [], 0
+        writer = tf.io.TFRecordWriter(tf.io.gfile.join(out, name) + ".incomplete")
+      if result.status == "written":
+        writer.write(result.example)
+        rows.append(_manifest_row(job, result, name, index_in_shard))
+        index_in_shard += 1
+      else:
+        rows.append(_manifest_row(job, result))
+        logging.warning("[prepare] failed: %s: %s", job.path, result.reason)
+      progress.update(failed=result.status != "written")
+    if writer is not None:
+      _finish_shard(out, current, writer, rows)
+      writer = None
+  finally:
+    if writer is not None:
+      writer.close()
+    if pool is not None:
+      pool.terminate()
+      pool.join()
+
+  return _finalize(inputs, config, plan, shard_names, skipped, t0, progress)
+
+
+def _shard_complete(out, name):
+  return (tf.io.gfile.exists(tf.io.gfile.join(out, MANIFEST_PARTS, name + ".csv")) and
+          tf.io.gfile.exists(tf.io.gfile.join(out, name)))
+
+
+def _finish_shard(out, name, writer, rows):
+  writer.close()
+  tf.io.gfile.rename(tf.io.gfile.join(out, name) + ".incomplete", tf.io.gfile.join(out, name),
+                     overwrite=True)
+  _atomic_write_text(tf.io.gfile.join(out, MANIFEST_PARTS, name + ".csv"), _csv_text(rows))
+
+
+def _finalize(inputs, config, plan, shard_names, skipped, t0, progress):
+  out = config.output_dir
+  rows = []
+  for p in inputs.problems:
+    rows.append({"path": f"{p.source}:{p.line}", "status": "failed", "reason": p.reason})
+  for path in inputs.unmatched_files:
+    rows.append({"path": path, "status": "failed", "reason": "no row for this file in the list"})
+  splits = {}
+  embedding_dim = 0
+  for split, (num_shards, _) in plan.items():
+    written = 0
+    for k in range(num_shards):
+      part = _read_csv(tf.io.gfile.join(out, MANIFEST_PARTS, shard_names[(split, k)] + ".csv"))
+      rows.extend(part)
+      written += sum(r["status"] == "written" for r in part)
+    splits[split] = {"num_shards": num_shards, "num_examples": written,
+                     "files": [shard_names[(split, k)] for k in range(num_shards)]}
+  _atomic_write_text(tf.io.gfile.join(out, MANIFEST), _csv_text(rows))
+  if inputs.missing_media:
+    _atomic_write_text(tf.io.gfile.join(out, MISSING_MEDIA), _csv_text(
+        [{"ytid": s.ytid, "start_seconds": s.start_seconds, "end_seconds": s.end_seconds,
+          "labels": ";".join(s.labels), "line": s.line} for s in inputs.missing_media],
+        header=("ytid", "start_seconds", "end_seconds", "labels", "line")))
+  if config.visual:
+    embedding_dim = _embedding_dim(out, splits)
+  schema.write_dataset_info(tf.io.gfile.join(out, schema.DATASET_INFO), {
+      "num_classes": inputs.label_map.num_classes,
+      "labels_file": schema.LABELS_FILE,
+      "modalities": list(config.modalities),
+      "log_mel": config.log_mel.to_dict(),
+      "embedder": config.embedder if config.visual else None,
+      "embedding_dim": embedding_dim,
+      "num_video_frames": config.num_video_frames if config.visual else 0,
+      "splits": splits,
+  })
+  failed = [r for r in rows if r["status"] != "written"]
+  return Summary(
+      total=len(rows), written=len(rows) - len(failed), failed=len(failed),
+      skipped_shards=skipped, reasons=collections.Counter(_reason_kind(r["reason"]) for r in failed),
+      splits=splits, unmatched_files=len(inputs.unmatched_files),
+      missing_media=len(inputs.missing_media), elapsed_seconds=time.time() - t0,
+      clips_per_second=progress.rate(), output_dir=out)
+
+
+def _embedding_dim(out, splits):
+  """The embedding size, read back from the first written example."""
+  for s in splits.values():
+    for name in s["files"]:
+      for record in tf.data.TFRecordDataset(tf.io.gfile.join(out, name)):
+        ex = tf.train.Example.FromString(record.numpy())
+        dims = ex.features.feature["embedding_dim"].int64_list.value
+        if dims and dims[0]:
+          return int(dims[0])
+  return 0
