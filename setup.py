@@ -25,9 +25,11 @@ setuptools.setup(
         "tensorflow-hub>=0.16,<0.17",
         "numpy>=1.26,<2",
         "protobuf>=4.21,<5",
+        "setuptools<81",  # tensorflow-hub 0.16.1 imports pkg_resources
         "scikit-learn>=1.3",
         "absl-py>=2.1",
         "av>=12",
+        "soxr>=0.3",  # resampling: 4x faster than swresample (docs/benchmarks.md)
         "matplotlib>=3.8",
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "librosa>=0.10"]},

@@ -21,6 +21,13 @@ _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErr
                 KeyError)
 
 
+def _is_user_error(error):
+  if isinstance(error, _USER_ERRORS):
+    return True
+  tf = sys.modules.get("tensorflow")  # tf.io.gfile raises tf.errors.NotFoundError etc.
+  return tf is not None and isinstance(error, tf.errors.OpError)
+
+
 def run(main):
   """`absl.app.run(main)` with clear one-line errors."""
 
@@ -29,11 +36,13 @@ def run(main):
       return main(argv)
     except app.UsageError:
       raise
-    except _USER_ERRORS as e:
-      if os.environ.get("AV_SOUND_TF_DEBUG") or logging.get_verbosity() >= logging.DEBUG:
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_user_error(e) or os.environ.get("AV_SOUND_TF_DEBUG") or (
+          logging.get_verbosity() >= logging.DEBUG):
         raise
       name = os.path.basename(sys.argv[0])
-      print(f"{name}: error: {e}", file=sys.stderr)
+      message = getattr(e, "message", None) or str(e)
+      print(f"{name}: error: {message}", file=sys.stderr)
       return 2
 
   logging.set_verbosity(logging.INFO)

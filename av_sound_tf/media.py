@@ -2,16 +2,17 @@
 
 Why PyAV: measured on the development machine (2 cores), per 5 s ESC-10 OGG clip,
 tensorflow-io's ``AudioIOTensor`` decode took 32 ms plus 107 ms for ``tfio.audio.resample``;
-PyAV decode plus FFmpeg's swresample took 10.5 ms. tensorflow-io's video ops also need FFmpeg
+PyAV decode plus FFmpeg's swresample took 10.5 ms (and libsoxr resamples 4x faster than
+swresample, see `decode_audio`). tensorflow-io's video ops also need FFmpeg
 4.2/3.4/2.8 shared libraries that current systems lack, while PyAV ships its own FFmpeg. One
 decoder therefore serves audio files (wav, flac, ogg, mp3, m4a, ...) and video containers
 (mp4, webm, mkv, avi, ...).
 
-Audio is resampled by swresample; channels are then averaged (librosa's ``to_mono``
-convention: a tone at amplitude a in both channels stays at amplitude a. FFmpeg's own
-stereo-to-mono matrix adds the channels at -3 dB each, which raises correlated content by 3 dB
-and can clip). Every failure is raised as `MediaError` whose message
-names the file and the reason; callers record it and move on.
+Audio channels are averaged (librosa's ``to_mono`` convention: a tone at amplitude a in both
+channels stays at amplitude a; FFmpeg's own stereo-to-mono matrix adds the channels at -3 dB
+each, which raises correlated content by 3 dB and can clip), then resampled by libsoxr.
+Every failure is raised as `MediaError` whose message names the file and the reason;
+callers record it and move on.
 """
 
 import dataclasses
@@ -19,6 +20,7 @@ import os
 
 import av
 import numpy as np
+import soxr
 import tensorflow as tf
 
 SAMPLE_RATE = 16000
@@ -96,9 +98,34 @@ def _is_cover_art(stream):
   return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
+# Integer sample formats -> float in [-1, 1].
+_INT_SCALE = {"u8": (128.0, 128.0), "s16": (0.0, 32768.0), "s32": (0.0, 2147483648.0),
+              "s64": (0.0, 9223372036854775808.0)}
+
+
+def _frame_to_mono(frame):
+  """An audio frame of any sample format and layout -> mono float32 (channel mean)."""
+  data = frame.to_ndarray()
+  fmt = frame.format.name.rstrip("p")
+  if fmt in _INT_SCALE:
+    offset, scale = _INT_SCALE[fmt]
+    data = (data.astype(np.float32) - offset) / scale
+  channels = len(frame.layout.channels)
+  if frame.format.is_planar:  # [channels, samples]
+    mono = data.mean(axis=0) if channels > 1 else data[0]
+  else:  # [1, samples * channels], interleaved
+    mono = data.reshape(-1, channels).mean(axis=1) if channels > 1 else data.reshape(-1)
+  return mono.astype(np.float32, copy=False)
+
+
 def decode_audio(path, start_seconds=None, end_seconds=None,
                  sample_rate=SAMPLE_RATE) -> np.ndarray:
   """Decodes the first audio track to mono float32 at `sample_rate`.
+
+  Frames are decoded by FFmpeg, averaged over channels, cut to the segment at the native
+  rate, and resampled with libsoxr (``soxr``, "HQ" quality) in a stream. libsoxr was chosen
+  by measurement: on a 10 s 44.1 kHz clip it takes 2.0 ms against 7.7 ms for FFmpeg's
+  swresample through PyAV, and per-frame resampler calls cost more than the filtering.
 
   Args:
     path: audio or video file (local path or any tf.io.gfile URL).
@@ -116,47 +143,53 @@ def decode_audio(path, start_seconds=None, end_seconds=None,
     if not container.streams.audio:
       raise MediaError(path, "no audio track")
     stream = container.streams.audio[0]
-    stream.thread_type = "AUTO"
-    resampler = av.AudioResampler(format="fltp", rate=sample_rate)  # keeps the layout
-    chunks = []
-    first_time = None
-    seek_from = 0.0
     if start_seconds and start_seconds > 0:
       # Seek lands at or before the wanted time; decoded frames carry their own times.
       try:
         container.seek(int(start_seconds * av.time_base), any_frame=False)
-        seek_from = start_seconds
       except av.error.FFmpegError:
-        seek_from = 0.0
+        pass
+    resampler, rate = None, None
+    begin = stop = None  # the segment in native samples from the first decoded frame
+    position = 0  # native samples decoded so far
+    pending, pending_len, chunks = [], 0, []
+
+    def flush(last=False):
+      nonlocal pending, pending_len
+      x = np.concatenate(pending) if pending else np.zeros([0], np.float32)
+      pending, pending_len = [], 0
+      chunks.append(x if resampler is None else resampler.resample_chunk(x, last=last))
+
     try:
-      for packet in container.demux(stream):
-        for frame in packet.decode():
-          if first_time is None:
-            first_time = frame.time if frame.time is not None else seek_from
-          for out in resampler.resample(frame):
-            chunks.append(out.to_ndarray().mean(axis=0))
-          if end_seconds is not None and frame.time is not None and frame.time > end_seconds:
-            break
-        else:
-          continue
-        break
-      for out in resampler.resample(None):
-        chunks.append(out.to_ndarray().mean(axis=0))
+      for frame in container.decode(stream):
+        if rate is None:
+          rate = frame.sample_rate
+          first_time = frame.time if frame.time is not None else 0.0
+          begin = 0 if start_seconds is None else max(
+              0, int(round((start_seconds - first_time) * rate)))
+          stop = None if end_seconds is None else int(round((end_seconds - first_time) * rate))
+          if rate != sample_rate:
+            resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32")
+        mono = _frame_to_mono(frame)
+        lo, hi = max(begin - position, 0), mono.shape[0]
+        if stop is not None:
+          hi = min(hi, stop - position)
+        position += mono.shape[0]
+        if hi > lo:
+          pending.append(mono[lo:hi])
+          pending_len += hi - lo
+          if pending_len >= rate:  # resample in ~1 s blocks: few calls, bounded memory
+            flush()
+        if stop is not None and position >= stop:
+          break
     except (av.error.FFmpegError, ValueError) as e:
-      if not chunks:
+      if rate is None:
         raise MediaError(path, f"audio track does not decode ({_short(e)})") from e
       # Keep what decoded before a corrupt tail; the caller sees the shorter length.
-  if not chunks:
-    raise MediaError(path, "audio track holds no samples")
-  waveform = np.concatenate(chunks).astype(np.float32, copy=False)
-  offset = (first_time or 0.0)
-  begin = 0
-  if start_seconds is not None:
-    begin = max(0, int(round((start_seconds - offset) * sample_rate)))
-  stop = waveform.shape[0]
-  if end_seconds is not None:
-    stop = min(stop, max(begin, int(round((end_seconds - offset) * sample_rate))))
-  waveform = waveform[begin:stop]
+    if rate is None:
+      raise MediaError(path, "audio track holds no samples")
+    flush(last=True)
+  waveform = np.concatenate(chunks)
   if waveform.size == 0:
     raise MediaError(path, f"no audio samples between {start_seconds} s and {end_seconds} s")
   if not np.all(np.isfinite(waveform)):

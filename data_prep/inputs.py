@@ -57,7 +57,11 @@ def _resolve(raw_labels, label_map):
 
 
 def _clip_id_from_path(path, base):
-  rel = os.path.relpath(path, base) if base and not "://" in path else os.path.basename(path)
+  """The path relative to the list's folder without extension; the whole path for files
+  outside that folder (ids must be unique, basenames need not be)."""
+  rel = os.path.relpath(path, base) if base and "://" not in path else path
+  if rel.startswith(".."):
+    rel = path
   return os.path.splitext(rel)[0].replace(os.sep, "/")
 
 
@@ -145,8 +149,11 @@ def from_segments(segments_csv, media_dir, label_map, split="data") -> Inputs:
     used.add(id(seg))
     indices, mids, error = _resolve(seg.labels, label_map)
     jobs.append(ClipJob(
-        len(jobs), f"{seg.ytid}_{seg.start_seconds:g}", path, split, indices, mids,
+        seg.line, f"{seg.ytid}_{seg.start_seconds:g}", path, split, indices, mids,
         seg.start_seconds, seg.end_seconds,
         trim="never" if start is not None else "auto", error=error))
+  jobs.sort(key=lambda j: j.index)  # the list's order, whatever the file names
+  for i, job in enumerate(jobs):
+    job.index = i
   missing = [s for s in segments if id(s) not in used]
   return Inputs(jobs, label_map, problems, unmatched, missing)

@@ -1,0 +1,75 @@
+"""Frame embedders: shapes, the clip mean, determinism, local weights and TF-Hub modules."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from av_sound_tf import embedders
+
+
+def _frames(n=5, size=64, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, [n, size, size, 3], dtype=np.uint8)
+
+
+def test_tiny_embedder():
+  emb = embedders.build_embedder("tiny", image_size=64)
+  frames = _frames()
+  mean, per_frame = emb.embed_clip(frames)
+  assert per_frame.shape == (5, emb.dim) and mean.shape == (emb.dim,)
+  np.testing.assert_allclose(mean, per_frame.mean(axis=0), rtol=1e-6)
+  np.testing.assert_array_equal(per_frame, emb(frames))  # same frames, same embedding
+  other = embedders.build_embedder("tiny", image_size=64)  # fixed seed: same weights
+  np.testing.assert_allclose(other(frames), per_frame, rtol=1e-5)
+  assert not np.allclose(per_frame[0], per_frame[1])
+
+
+def test_batching_does_not_change_results():
+  emb = embedders.build_embedder("tiny", image_size=32)
+  frames = _frames(n=40, size=32)
+  emb.batch_size = 7
+  a = emb(frames)
+  emb.batch_size = 64
+  np.testing.assert_allclose(a, emb(frames), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_and_names():
+  emb = embedders.build_embedder("tiny", image_size=32)
+  with pytest.raises(ValueError, match="frames"):
+    emb(np.zeros([32, 32, 3], np.uint8))
+  with pytest.raises(ValueError, match="Unknown frame embedder"):
+    embedders.build_embedder("vgg")
+  with pytest.raises(FileNotFoundError, match="weights file not found"):
+    embedders.build_embedder("resnet152", weights="/nonexistent/resnet.weights.h5",
+                             image_size=32)
+
+
+def test_resnet152_random_weights():
+  emb = embedders.build_embedder("resnet152", weights="none", image_size=64)
+  out = emb(_frames(n=2))
+  assert out.shape == (2, 2048) and emb.dim == 2048
+  assert np.all(np.isfinite(out)) and np.all(out >= 0)  # after ReLU + average pooling
+
+
+def test_hub_module_directory(tmp_path):
+  """Any TF-Hub image feature-vector SavedModel: float images in [0, 1] -> [n, dim]."""
+
+  class Module(tf.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.w = tf.Variable(tf.random.stateless_normal([3, 6], seed=[1, 2]))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def __call__(self, images):
+      return tf.matmul(tf.reduce_mean(images, axis=[1, 2]), self.w)
+
+  path = str(tmp_path / "hub_module")
+  tf.saved_model.save(Module(), path)
+  emb = embedders.build_embedder(f"hub:{path}", image_size=32)
+  frames = _frames(n=3, size=32)
+  assert emb.dim == 6
+  got = emb(frames)
+  assert got.shape == (3, 6)
+  reloaded = tf.saved_model.load(path)
+  np.testing.assert_allclose(got, reloaded(tf.constant(frames / 255.0, tf.float32)).numpy(),
+                             rtol=1e-5)
