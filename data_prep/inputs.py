@@ -42,7 +42,7 @@ class Inputs:
   missing_media: List[labels_lib.Segment]  # rows without a media file (segment-list mode)
 
 
-def _resolve(raw_labels, label_map):
+def _resolve(raw_labels, label_map, source, line):
   """(indices, mids, error) for a row's labels; unknown labels fail the row, never dropped."""
   indices, mids, unknown = [], [], []
   for label in raw_labels:
@@ -52,17 +52,20 @@ def _resolve(raw_labels, label_map):
     elif i not in indices:
       indices.append(i)
       mids.append(label_map.mids[i])
-  error = f"unknown label(s) {', '.join(repr(u) for u in unknown)}" if unknown else ""
+  error = ""
+  if unknown:
+    error = (f"unknown label(s) {', '.join(repr(u) for u in unknown)} "
+             f"({os.path.basename(source)} line {line})")
   return indices, mids, error
 
 
 def _clip_id_from_path(path, base):
   """The path relative to the list's folder without extension; the whole path for files
   outside that folder (ids must be unique, basenames need not be)."""
-  rel = os.path.relpath(path, base) if base and "://" not in path else path
-  if rel.startswith(".."):
-    rel = path
-  return os.path.splitext(rel)[0].replace(os.sep, "/")
+  rel = path
+  if base and path.startswith(base.rstrip("/") + "/"):
+    rel = path[len(base.rstrip("/")) + 1:]
+  return os.path.splitext(rel)[0]
 
 
 def _float_or_none(text):
@@ -90,7 +93,7 @@ def from_file_list(file_list, label_map=None, ontology=None, label_column="label
       raise ValueError(f"{file_list}: no column {split_column!r} for --split_column")
     split = (row.extra.get(split_column) or "").strip() if split_column else default_split
     split = _safe_split(split) or default_split
-    indices, mids, error = _resolve(row.labels, label_map)
+    indices, mids, error = _resolve(row.labels, label_map, file_list, row.line)
     clip_id = _clip_id_from_path(row.path, base)
     if clip_id in seen_ids:
       problems.append(labels_lib.RowProblem(
@@ -147,7 +150,7 @@ def from_segments(segments_csv, media_dir, label_map, split="data") -> Inputs:
       unmatched.append(path)
       continue
     used.add(id(seg))
-    indices, mids, error = _resolve(seg.labels, label_map)
+    indices, mids, error = _resolve(seg.labels, label_map, segments_csv, seg.line)
     jobs.append(ClipJob(
         seg.line, f"{seg.ytid}_{seg.start_seconds:g}", path, split, indices, mids,
         seg.start_seconds, seg.end_seconds,

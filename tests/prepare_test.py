@@ -112,7 +112,7 @@ def test_bad_inputs_are_accounted_for(tmp_path):
   assert by_path["missing.ogg"]["reason"] == "file not found"
   assert by_path["notes.wav"]["reason"].startswith("not a readable media file")
   assert by_path["short.wav"]["reason"].startswith("audio too short")
-  assert by_path["1-110389-A.ogg"]["reason"] == "unknown label(s) 'Unicorn'"
+  assert by_path["1-110389-A.ogg"]["reason"] == "unknown label(s) 'Unicorn' (list.csv line 6)"
   assert by_path["list.csv:7"]["reason"] == "empty path"
   assert by_path["list.csv:8"]["reason"] == "empty label list"
   assert summary.written == 1 and summary.failed == 6
@@ -213,6 +213,25 @@ def test_segment_list_matching(tmp_path):
   # A 5 s file for a 10 s row is taken whole: it is shorter than the segment.
   ex2 = list(schema.read_examples(schema.list_shards(str(out), "eval"), 3))[1]
   assert ex2["log_mel"].shape[0] == 499
+
+
+def test_non_local_file_system():
+  """Inputs and outputs through tf.io.gfile's in-memory file system (ram://), the same code
+  path as gs://: reading the list and media, writing, renaming and listing shards."""
+  src = shared_path("esc10", ESC_CLIPS[0])
+  tf.io.gfile.makedirs("ram://prep_in/sub")
+  tf.io.gfile.copy(src, "ram://prep_in/sub/a.ogg", overwrite=True)
+  with tf.io.gfile.GFile("ram://prep_in/list.csv", "w") as f:
+    f.write("path,labels\nsub/a.ogg,Dog\n")
+  found = inputs.from_file_list("ram://prep_in/list.csv")
+  assert found.jobs[0].clip_id == "sub/a" and found.jobs[0].path == "ram://prep_in/sub/a.ogg"
+  summary = prepare.prepare(found, prepare.PrepareConfig(output_dir="ram://prep_out"),
+                            num_workers=0, overwrite=True)
+  assert summary.written == 1
+  (ex,) = list(schema.read_examples(schema.list_shards("ram://prep_out", "data"), 1))
+  assert ex["log_mel"].shape == (499, 64)
+  with tf.io.gfile.GFile("ram://prep_out/manifest.csv") as f:
+    assert "ram://prep_in/sub/a.ogg,written" in f.read()
 
 
 def _bin(*args):
