@@ -464,14 +464,22 @@ def _finalize(inputs, config, plan, shard_names, skipped, t0, progress):
     rows.append({"path": path, "status": "failed", "reason": "no row for this file in the list"})
   splits = {}
   embedding_dim = 0
+  num_classes = inputs.label_map.num_classes
   for split, (num_shards, _) in plan.items():
-    written = 0
+    file_examples = {}
+    class_counts = np.zeros(num_classes, np.int64)
     for k in range(num_shards):
-      part = _read_csv(tf.io.gfile.join(out, MANIFEST_PARTS, shard_names[(split, k)] + ".csv"))
+      name = shard_names[(split, k)]
+      part = _read_csv(tf.io.gfile.join(out, MANIFEST_PARTS, name + ".csv"))
       rows.extend(part)
-      written += sum(r["status"] == "written" for r in part)
-    splits[split] = {"num_shards": num_shards, "num_examples": written,
-                     "files": [shard_names[(split, k)] for k in range(num_shards)]}
+      written = [r for r in part if r["status"] == "written"]
+      file_examples[name] = len(written)
+      for r in written:
+        for mid in filter(None, r["labels"].split(";")):
+          class_counts[inputs.label_map.lookup(mid)] += 1
+    splits[split] = {"num_shards": num_shards, "num_examples": sum(file_examples.values()),
+                     "files": list(file_examples), "file_examples": file_examples,
+                     "class_counts": class_counts.tolist()}
   _atomic_write_text(tf.io.gfile.join(out, MANIFEST), _csv_text(rows))
   if inputs.missing_media:
     _atomic_write_text(tf.io.gfile.join(out, MISSING_MEDIA), _csv_text(

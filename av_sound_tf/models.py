@@ -1,0 +1,260 @@
+"""The audio MIL ConvNet (paper Table 1), the visual DNN (Sec. 3.2), the MIL head for
+AudioSet's released embeddings, and the MIL aggregation layer g().
+
+All are Keras functional models registered under the package ``"av_sound_tf"`` (never
+rename it: saved ``.keras`` files refer to it). Constructor arguments are the config.
+
+Audio model (Table 1 as a data table below): blocks B1-B4 are two 3x3 convolutions with
+batch norm and ReLU followed by max pooling (4x4, 2x2, 2x2, 2x2); B5 is 2048 3x2 filters
+without padding, which leaves one segment per 32 input frames minus two (30 segments for 1024
+frames: a ~1 s receptive field every 0.32 s); B6 and B7 are 1x1 convolutions with 1024
+filters; B8 is a 1x1 convolution with C sigmoid outputs: the segment (instance) scores. g()
+aggregates them to clip (bag) scores; the paper uses global average pooling.
+"""
+
+import keras
+from keras import layers
+from keras import ops
+
+PACKAGE = "av_sound_tf"
+
+# Table 1: (block, filters, pool size); every block is conv3x3-BN-ReLU twice, then pooling.
+CONV_BLOCKS = (("b1", 64, 4), ("b2", 128, 2), ("b3", 256, 2), ("b4", 512, 2))
+B5_FILTERS, B5_KERNEL = 2048, (3, 2)
+B6_FILTERS = B7_FILTERS = 1024
+FRAMES_PER_SEGMENT = 32  # product of the pool sizes along time
+MIN_FRAMES = 96  # B5's 3-segment kernel needs 3 x 32 frames
+
+AGGREGATIONS = ("average", "max", "linear_softmax", "attention")
+
+
+def num_segments(num_frames: int) -> int:
+  """Segments the audio model outputs for `num_frames` input frames (30 for 1024)."""
+  return num_frames // FRAMES_PER_SEGMENT - 2
+
+
+def _scaled(filters, width):
+  return max(4, int(round(filters * width)))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MILAggregation(keras.layers.Layer):
+  """g(): segment scores [batch, segments, C] -> clip scores [batch, C].
+
+  Methods (the paper uses ``average``; the others are from its related work):
+    * ``average``: global average pooling (Kumar & Ithapu 2020; this paper).
+    * ``max``: the MI-SVM-style max over segments (Kumar & Raj 2016).
+    * ``linear_softmax``: sum(y^2) / sum(y) (Wang et al. 2019).
+    * ``attention``: a softmax over segments of a learned per-class attention computed
+      from the segment features (Kong et al. 2019).
+
+  Called on ``[segment_scores, segment_features]``; the features are used only by
+  ``attention``.
+
+  Example:
+    >>> g = MILAggregation("max")
+    >>> g([np.ones([2, 30, 5], "float32"), np.ones([2, 30, 8], "float32")]).shape
+    (2, 5)
+  """
+
+  def __init__(self, method="average", num_classes=None, **kwargs):
+    super().__init__(**kwargs)
+    if method not in AGGREGATIONS:
+      raise ValueError(f"Unknown MIL aggregation. Expected one of {AGGREGATIONS}. "
+                       f"Received: method={method!r}")
+    if method == "attention" and not num_classes:
+      raise ValueError("Attention aggregation needs num_classes.")
+    self.method = method
+    self.num_classes = num_classes
+    self.attention = None
+
+  def build(self, input_shape):
+    scores_shape, features_shape = input_shape
+    if self.method == "attention":
+      self.attention = layers.Dense(self.num_classes, name="attention_logits")
+      self.attention.build(features_shape)
+    self.built = True
+
+  def call(self, inputs):
+    scores, features = inputs
+    if self.method == "average":
+      return ops.mean(scores, axis=1)
+    if self.method == "max":
+      return ops.max(scores, axis=1)
+    if self.method == "linear_softmax":
+      return ops.sum(scores * scores, axis=1) / (ops.sum(scores, axis=1) + 1e-7)
+    weights = ops.softmax(self.attention(features), axis=1)  # over segments
+    return ops.sum(weights * scores, axis=1)
+
+  def compute_output_shape(self, input_shape):
+    scores_shape = input_shape[0]
+    return (scores_shape[0], scores_shape[2])
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"method": self.method, "num_classes": self.num_classes})
+    return config
+
+
+def _conv_bn_relu(x, filters, kernel, name, padding="same"):
+  x = layers.Conv2D(filters, kernel, padding=padding, use_bias=False, name=f"{name}_conv")(x)
+  x = layers.BatchNormalization(name=f"{name}_bn")(x)
+  return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def _dense_bn_relu(x, units, name):
+  x = layers.Dense(units, use_bias=False, name=f"{name}_dense")(x)
+  x = layers.BatchNormalization(name=f"{name}_bn")(x)
+  return layers.ReLU(name=f"{name}_relu")(x)
+
+
+class _ConfigModel(keras.Model):
+  """Functional model whose config is its constructor arguments (keras-hub style)."""
+
+  _CONFIG_KEYS = ()
+
+  def get_config(self):
+    config = {"name": self.name, "trainable": self.trainable}
+    config.update({k: getattr(self, k) for k in self._CONFIG_KEYS})
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MILConvNet(_ConfigModel):
+  """The audio multiple-instance ConvNet of Table 1.
+
+  Input: log-mel [batch, frames, num_mel_bins] (any frames >= 96 when num_frames=None).
+  Output: clip scores [batch, num_classes]; the layer named ``segment_scores`` holds the
+  instance scores [batch, segments, num_classes] (see `with_segment_scores`).
+
+  Args:
+    num_classes: C (527 for AudioSet).
+    num_mel_bins: mel bands of the input (64).
+    num_frames: fixed input length or None for any length.
+    width: multiplier on every filter count (1.0 is the paper's model, 14.7 M parameters
+      for C = 527); smaller widths train the same architecture on a CPU.
+    aggregation: g(), one of `AGGREGATIONS`.
+
+  Example:
+    >>> model = MILConvNet(num_classes=10, num_frames=1024, width=0.125)
+    >>> model(np.zeros([1, 1024, 64], "float32")).shape
+    (1, 10)
+  """
+
+  _CONFIG_KEYS = ("num_classes", "num_mel_bins", "num_frames", "width", "aggregation")
+
+  def __init__(self, num_classes=527, num_mel_bins=64, num_frames=None, width=1.0,
+               aggregation="average", **kwargs):
+    if num_frames is not None and num_frames < MIN_FRAMES:
+      raise ValueError(f"num_frames must be >= {MIN_FRAMES}. Received: num_frames={num_frames}")
+    if num_mel_bins != 64:
+      # Four poolings divide the frequency axis by 32; B5's 3x2 kernel spans the last 2.
+      raise ValueError(f"num_mel_bins must be 64 (Table 1). Received: {num_mel_bins}")
+    # === Layers and functional model ===
+    log_mel = keras.Input((num_frames, num_mel_bins), name="log_mel")
+    x = layers.Reshape((-1, num_mel_bins, 1), name="add_channel")(log_mel)
+    for block, filters, pool in CONV_BLOCKS:
+      f = _scaled(filters, width)
+      x = _conv_bn_relu(x, f, 3, f"{block}_1")
+      x = _conv_bn_relu(x, f, 3, f"{block}_2")
+      x = layers.MaxPooling2D(pool, strides=pool, name=f"{block}_pool")(x)
+    x = _conv_bn_relu(x, _scaled(B5_FILTERS, width), B5_KERNEL, "b5", padding="valid")
+    x = layers.Reshape((-1, _scaled(B5_FILTERS, width)), name="segments")(x)  # [B, S, F]
+    x = _dense_bn_relu(x, _scaled(B6_FILTERS, width), "b6")
+    features = _dense_bn_relu(x, _scaled(B7_FILTERS, width), "b7")
+    segment_scores = layers.Dense(num_classes, activation="sigmoid",
+                                  name="segment_scores")(features)
+    clip_scores = MILAggregation(aggregation, num_classes, name="clip_scores")(
+        [segment_scores, features])
+    super().__init__(inputs=log_mel, outputs=clip_scores, **kwargs)
+    # === Config ===
+    self.num_classes = num_classes
+    self.num_mel_bins = num_mel_bins
+    self.num_frames = num_frames
+    self.width = width
+    self.aggregation = aggregation
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VisualDNN(_ConfigModel):
+  """The visual model (Sec. 3.2): a DNN on the mean frame embedding of a clip.
+
+  Hidden layers 2048, 2048, 1024, 1024 with ReLU, dropout 0.3 after the first two, C
+  sigmoid outputs.
+
+  Args:
+    num_classes: C.
+    embedding_dim: size of the mean frame embedding (2048 for ResNet-152).
+    width: multiplier on the hidden sizes.
+    dropout: dropout rate after the first two hidden layers.
+  """
+
+  _CONFIG_KEYS = ("num_classes", "embedding_dim", "width", "dropout")
+  HIDDEN = (2048, 2048, 1024, 1024)
+
+  def __init__(self, num_classes=527, embedding_dim=2048, width=1.0, dropout=0.3, **kwargs):
+    embedding = keras.Input((embedding_dim,), name="embedding_mean")
+    x = embedding
+    for i, units in enumerate(self.HIDDEN):
+      x = layers.Dense(_scaled(units, width), activation="relu", name=f"hidden{i + 1}")(x)
+      if i < 2:
+        x = layers.Dropout(dropout, name=f"dropout{i + 1}")(x)
+    scores = layers.Dense(num_classes, activation="sigmoid", name="clip_scores")(x)
+    super().__init__(inputs=embedding, outputs=scores, **kwargs)
+    self.num_classes = num_classes
+    self.embedding_dim = embedding_dim
+    self.width = width
+    self.dropout = dropout
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class EmbeddingMIL(_ConfigModel):
+  """A small MIL network over AudioSet's released 1 s VGGish embeddings ([10, 128]).
+
+  Each second is an instance: two fully connected layers (BN, ReLU, dropout) and C
+  sigmoid instance scores, aggregated by g() to clip scores.
+  """
+
+  _CONFIG_KEYS = ("num_classes", "num_instances", "embedding_dim", "hidden", "dropout",
+                  "aggregation")
+
+  def __init__(self, num_classes=527, num_instances=10, embedding_dim=128, hidden=512,
+               dropout=0.4, aggregation="average", **kwargs):
+    embeddings = keras.Input((num_instances, embedding_dim), name="audio_embedding")
+    x = embeddings
+    for i in range(2):
+      x = _dense_bn_relu(x, hidden, f"instance{i + 1}")
+      x = layers.Dropout(dropout, name=f"instance{i + 1}_dropout")(x)
+    segment_scores = layers.Dense(num_classes, activation="sigmoid", name="segment_scores")(x)
+    clip_scores = MILAggregation(aggregation, num_classes, name="clip_scores")(
+        [segment_scores, x])
+    super().__init__(inputs=embeddings, outputs=clip_scores, **kwargs)
+    self.num_classes = num_classes
+    self.num_instances = num_instances
+    self.embedding_dim = embedding_dim
+    self.hidden = hidden
+    self.dropout = dropout
+    self.aggregation = aggregation
+
+
+def with_segment_scores(model: keras.Model) -> keras.Model:
+  """A view of a MIL model that returns {"clip_scores", "segment_scores"} (shared weights)."""
+  return keras.Model(model.input, {
+      "clip_scores": model.output,
+      "segment_scores": model.get_layer("segment_scores").output,
+  }, name=f"{model.name}_with_segments")
+
+
+def build_model(kind: str, num_classes: int, **kwargs) -> keras.Model:
+  """Model factory by name: ``audio``, ``visual`` or ``embedding``."""
+  if kind == "audio":
+    return MILConvNet(num_classes=num_classes, **kwargs)
+  if kind == "visual":
+    return VisualDNN(num_classes=num_classes, **kwargs)
+  if kind == "embedding":
+    return EmbeddingMIL(num_classes=num_classes, **kwargs)
+  raise ValueError(f"Unknown model kind. Expected audio, visual or embedding. Received: {kind!r}")

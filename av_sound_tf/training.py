@@ -1,0 +1,322 @@
+"""Training the audio, visual and embedding models: strategies, callbacks, SeCoST.
+
+`train(config)` builds the input pipelines, creates the model, optimizer and metrics in the
+strategy's scope, and fits with:
+
+* BackupAndRestore (``<model_dir>/backup``): a killed run restarts at the last finished
+  epoch with the same weights, optimizer state and (epoch-seeded) data order, so it ends
+  where the uninterrupted run would have. Use ``steps_per_epoch`` to make epochs, and so
+  backups, as frequent as you like.
+* `metrics.ValidationMAP` (exact scikit-learn mAP on the validation split after each
+  epoch) and ModelCheckpoint on ``val_mAP`` (model selection; the best value so far is
+  carried across restarts from ``history.csv``).
+* TensorBoard logs (``<model_dir>/logs``), ``history.csv``, Keras progress bars.
+
+Outputs in ``model_dir``: ``model.keras`` (the selected model), ``saved_model/`` (a
+TensorFlow SavedModel of it), ``config.json`` (the final configuration, to repeat the run),
+``history.csv``, ``validation_metrics.json``.
+
+SeCoST (Kumar & Ithapu, "SeCoST: Sequential Co-Supervision for Large Scale Weakly Labeled
+Audio Event Detection", ICASSP 2020), cited by the paper for its audio model: training runs
+in ``secost_stages + 1`` stages. Stage 0 trains on the labels. Stage s >= 1 trains a freshly
+initialized student on the targets ``alpha * y + (1 - alpha) * p_{s-1}(x)``, where
+``p_{s-1}`` is the selected model of the previous stage evaluated on the same (cropped,
+augmented) input; the student then becomes the teacher of the next stage. We keep alpha
+constant across stages (``secost_alpha``, default 0.5): the teacher's soft scores carry
+the co-occurrence structure the weak labels lack, and the label term keeps each stage
+anchored to the annotation so errors cannot compound. Every stage has the same schedule
+and its own model selection; the last stage's model is the output, and the validation mAP
+of every stage is reported.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Optional, Tuple
+
+from absl import logging
+import keras
+from keras import ops
+import numpy as np
+import tensorflow as tf
+
+from av_sound_tf import labels as labels_lib
+from av_sound_tf import metrics as metrics_lib
+from av_sound_tf import models
+from av_sound_tf import pipeline
+from av_sound_tf import schema
+
+STRATEGIES = ("mirrored", "multi_worker_mirrored", "one_device", "default")
+
+
+def configure_cpu_replicas(num: int):
+  """Splits the CPU into `num` logical devices (for multi-replica runs without GPUs).
+
+  Must run before TensorFlow initializes its devices.
+  """
+  if num <= 1:
+    return
+  cpus = tf.config.list_physical_devices("CPU")
+  try:
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(num)])
+  except RuntimeError as e:
+    raise RuntimeError("configure_cpu_replicas must run before TensorFlow initializes "
+                       "devices (call it first thing in the program).") from e
+
+
+def get_strategy(name: str = "mirrored") -> tf.distribute.Strategy:
+  """A tf.distribute strategy by name (official common/distribute_utils.py style).
+
+  * ``mirrored``: all local GPUs; without GPUs, all logical CPU devices (one unless
+    `configure_cpu_replicas` split the CPU), the same code path.
+  * ``multi_worker_mirrored``: synchronous training over the workers in ``TF_CONFIG``.
+  * ``one_device``: the first GPU, else the CPU.
+  * ``default``: no distribution.
+  """
+  if name == "mirrored":
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    return tf.distribute.MirroredStrategy(devices=devices)
+  if name == "multi_worker_mirrored":
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if name == "one_device":
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+  if name == "default":
+    return tf.distribute.get_strategy()
+  raise ValueError(f"Unknown strategy. Expected one of {STRATEGIES}. Received: {name!r}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything a training run depends on (written to config.json)."""
+
+  kind: str  # audio, visual or embedding
+  model_dir: str
+  data_dir: str = ""  # prepared shards (audio, visual)
+  train_splits: Tuple[str, ...] = ("train",)
+  validation_splits: Tuple[str, ...] = ("validation",)
+  # kind=embedding: AudioSet released-feature TFRecord globs instead of data_dir/splits.
+  train_pattern: str = ""
+  validation_pattern: str = ""
+  num_classes: int = 0  # 0: from dataset_info.json (527 for AudioSet features)
+  width: float = 1.0
+  aggregation: str = "average"
+  num_frames: int = 1024
+  dropout: float = 0.3
+  batch_size: int = 32
+  epochs: int = 10
+  steps_per_epoch: int = 0  # 0: one pass over the training data
+  learning_rate: float = 1e-3
+  seed: int = 0
+  deterministic: bool = False
+  strategy: str = "mirrored"
+  balance: bool = False
+  mixup_alpha: float = 0.0
+  time_mask: int = 0
+  freq_mask: int = 0
+  eval_crop: str = "start"
+  shuffle_buffer: int = 2048
+  secost_stages: int = 0
+  secost_alpha: float = 0.5
+  verbose: int = 1
+
+  def to_dict(self):
+    d = dataclasses.asdict(self)
+    d["train_splits"], d["validation_splits"] = list(self.train_splits), list(
+        self.validation_splits)
+    return d
+
+
+class CoSupervised(keras.Model):
+  """A student trained on alpha * labels + (1 - alpha) * teacher scores (SeCoST)."""
+
+  def __init__(self, student, teacher, alpha, **kwargs):
+    super().__init__(**kwargs)
+    self.student = student
+    self.teacher = teacher
+    self.teacher.trainable = False
+    self.alpha = alpha
+
+  def call(self, x, training=False):
+    return self.student(x, training=training)
+
+  def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+    soft = ops.stop_gradient(self.teacher(x, training=False))
+    target = self.alpha * y + (1.0 - self.alpha) * soft
+    return super().compute_loss(x, target, y_pred, sample_weight, training)
+
+
+@dataclasses.dataclass
+class _Data:
+  train_files: list
+  validation_files: list
+  num_examples: int
+  class_counts: Optional[list]
+  num_classes: int
+  embedding_dim: int
+  label_map: Optional[labels_lib.LabelMap]
+
+
+def _split_files(data_dir, splits):
+  files = []
+  for split in splits:
+    files.extend(schema.list_shards(data_dir, split))
+  return files
+
+
+def load_data(config: TrainConfig) -> _Data:
+  """Finds the shards and dataset statistics a run needs."""
+  if config.kind == "embedding":
+    train_files = sorted(tf.io.gfile.glob(config.train_pattern))
+    val_files = sorted(tf.io.gfile.glob(config.validation_pattern))
+    if not train_files or not val_files:
+      raise FileNotFoundError(f"No files match --train_pattern={config.train_pattern!r} or "
+                              f"--validation_pattern={config.validation_pattern!r}")
+    return _Data(train_files, val_files, 0, None, config.num_classes or 527, 0, None)
+  info = schema.read_dataset_info(config.data_dir)
+  splits = info["splits"]
+  for split in tuple(config.train_splits) + tuple(config.validation_splits):
+    if split not in splits:
+      raise ValueError(f"Split {split!r} is not in {config.data_dir} (splits: {sorted(splits)})")
+  num_examples = sum(splits[s]["num_examples"] for s in config.train_splits)
+  counts = None
+  if all("class_counts" in splits[s] for s in config.train_splits):
+    counts = np.sum([splits[s]["class_counts"] for s in config.train_splits], axis=0).tolist()
+  label_map = labels_lib.LabelMap.from_csv(
+      tf.io.gfile.join(config.data_dir, info.get("labels_file", schema.LABELS_FILE)))
+  return _Data(_split_files(config.data_dir, config.train_splits),
+               _split_files(config.data_dir, config.validation_splits), num_examples, counts,
+               info["num_classes"], int(info.get("embedding_dim") or 0), label_map)
+
+
+def input_config(config: TrainConfig, data: _Data, batch_size=None) -> pipeline.InputConfig:
+  return pipeline.InputConfig(
+      kind=config.kind, num_classes=data.num_classes,
+      batch_size=batch_size or config.batch_size, num_frames=config.num_frames,
+      embedding_dim=data.embedding_dim, shuffle_buffer=config.shuffle_buffer,
+      seed=config.seed, eval_crop=config.eval_crop, balance=config.balance,
+      mixup_alpha=config.mixup_alpha, time_mask=config.time_mask, freq_mask=config.freq_mask)
+
+
+def build_model(config: TrainConfig, data: _Data) -> keras.Model:
+  if config.kind == "audio":
+    return models.MILConvNet(num_classes=data.num_classes, num_frames=config.num_frames,
+                             width=config.width, aggregation=config.aggregation)
+  if config.kind == "visual":
+    return models.VisualDNN(num_classes=data.num_classes, embedding_dim=data.embedding_dim,
+                            width=config.width, dropout=config.dropout)
+  return models.EmbeddingMIL(num_classes=data.num_classes, aggregation=config.aggregation)
+
+
+def _best_so_far(history_path):
+  """The best val_mAP recorded by an earlier (interrupted) run, or None."""
+  if not tf.io.gfile.exists(history_path):
+    return None
+  with tf.io.gfile.GFile(history_path) as f:
+    values = [float(r["val_mAP"]) for r in csv.DictReader(f) if r.get("val_mAP")]
+  return max(values) if values else None
+
+
+def _initial_epoch(backup_dir):
+  path = tf.io.gfile.join(backup_dir, "training_metadata.json")
+  if not tf.io.gfile.exists(path):
+    return 0
+  with tf.io.gfile.GFile(path) as f:
+    return int(json.load(f)["epoch"])
+
+
+def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
+               extra_callbacks=()):
+  """Trains one stage in stage_dir; returns (selected model, best val mAP)."""
+  tf.io.gfile.makedirs(stage_dir)
+  keras.utils.set_random_seed(config.seed + 1000 * stage)  # fresh init for each student
+  in_cfg = input_config(config, data)
+  steps = config.steps_per_epoch or max(1, data.num_examples // config.batch_size)
+  if not data.num_examples and not config.steps_per_epoch:
+    raise ValueError("--steps_per_epoch is required when the number of training examples "
+                     "is unknown (AudioSet feature files).")
+  backup_dir = tf.io.gfile.join(stage_dir, "backup")
+  initial_epoch = _initial_epoch(backup_dir)
+  if initial_epoch:
+    logging.info("Resuming %s from its backup at epoch %d.", stage_dir, initial_epoch)
+  train_ds = pipeline.train_dataset(data.train_files, in_cfg, num_examples=data.num_examples,
+                                    initial_epoch=initial_epoch, steps_per_epoch=steps,
+                                    class_counts=data.class_counts)
+  val_ds = pipeline.eval_dataset(data.validation_files, in_cfg)
+  with strategy.scope():
+    student = build_model(config, data)
+    if teacher_path:
+      teacher = keras.models.load_model(teacher_path, safe_mode=True)
+      model = CoSupervised(student, teacher, config.secost_alpha)
+      model.build(student.input_shape)
+    else:
+      model = student
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  loss=keras.losses.BinaryCrossentropy(),
+                  metrics=[metrics_lib.streaming_map_metric(data.num_classes)])
+  history_path = tf.io.gfile.join(stage_dir, "history.csv")
+  best_path = tf.io.gfile.join(stage_dir, "best.weights.h5")
+  callbacks = [
+      keras.callbacks.BackupAndRestore(backup_dir),
+      metrics_lib.ValidationMAP(val_ds),
+      keras.callbacks.ModelCheckpoint(best_path, monitor="val_mAP", mode="max",
+                                      save_best_only=True, save_weights_only=True,
+                                      initial_value_threshold=_best_so_far(history_path)),
+      keras.callbacks.CSVLogger(history_path, append=True),
+      keras.callbacks.TensorBoard(tf.io.gfile.join(stage_dir, "logs")),
+      *extra_callbacks,
+  ]
+  model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks,
+            verbose=config.verbose)
+  if tf.io.gfile.exists(best_path):
+    model.load_weights(best_path)
+  best = _best_so_far(history_path)
+  return student, best
+
+
+def train(config: TrainConfig, extra_callbacks=()) -> dict:
+  """Trains, selects, saves and exports a model; returns a summary dict."""
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  keras.utils.set_random_seed(config.seed)
+  data = load_data(config)
+  strategy = get_strategy(config.strategy)
+  logging.info("Training %s model on %d replica(s), %d training files, %d validation files.",
+               config.kind, strategy.num_replicas_in_sync, len(data.train_files),
+               len(data.validation_files))
+  tf.io.gfile.makedirs(config.model_dir)
+  stages = []
+  teacher_path = None
+  for stage in range(config.secost_stages + 1):
+    stage_dir = config.model_dir if stage == 0 and not config.secost_stages else \
+        tf.io.gfile.join(config.model_dir, f"stage{stage}")
+    model, best = _fit_stage(config, data, strategy, stage_dir, stage, teacher_path,
+                             extra_callbacks)
+    stage_model_path = tf.io.gfile.join(stage_dir, "model.keras")
+    model.save(stage_model_path)
+    stages.append({"stage": stage, "val_mAP": best, "model": stage_model_path})
+    teacher_path = stage_model_path
+  final_path = tf.io.gfile.join(config.model_dir, "model.keras")
+  if final_path != teacher_path:
+    tf.io.gfile.copy(teacher_path, final_path, overwrite=True)
+  model = keras.models.load_model(final_path, safe_mode=True)
+  model.export(tf.io.gfile.join(config.model_dir, "saved_model"), verbose=False)
+  val_cfg = input_config(config, data)
+  labels, scores = metrics_lib.predict_dataset(
+      model, pipeline.eval_dataset(data.validation_files, val_cfg))
+  ev = metrics_lib.evaluate(labels, scores)
+  summary = dict(ev.summary(), stages=stages, model=final_path,
+                 num_parameters=int(model.count_params()))
+  if labels.sum(axis=1).max() <= 1:
+    summary["accuracy"] = metrics_lib.accuracy(labels, scores)
+  with tf.io.gfile.GFile(tf.io.gfile.join(config.model_dir, "config.json"), "w") as f:
+    json.dump(dict(config.to_dict(), num_classes=data.num_classes,
+                   embedding_dim=data.embedding_dim,
+                   num_replicas=strategy.num_replicas_in_sync), f, indent=2)
+  with tf.io.gfile.GFile(tf.io.gfile.join(config.model_dir, "validation_metrics.json"),
+                         "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
