@@ -122,12 +122,16 @@ def _features(ex, config, training, seed):
   else:
     offset = 0
   x = crop_or_pad(ex["log_mel"], config.num_frames, offset, config.log_floor)
-  if training and config.time_mask:
+  if training and (config.time_mask or config.freq_mask):
+    # tensorflow-io's masks write zeros; shifting by the floor makes masked cells silence
+    # (log-mel floor) rather than a loud log value of 0.
     import tensorflow_io as tfio  # pylint: disable=g-import-not-at-top
-    x = tfio.audio.time_mask(x, param=config.time_mask)
-  if training and config.freq_mask:
-    import tensorflow_io as tfio  # pylint: disable=g-import-not-at-top
-    x = tfio.audio.freq_mask(x, param=config.freq_mask)
+    x = x - config.log_floor
+    if config.time_mask:
+      x = tfio.audio.time_mask(x, param=config.time_mask)
+    if config.freq_mask:
+      x = tfio.audio.freq_mask(x, param=config.freq_mask)
+    x = x + config.log_floor
   return x
 
 
@@ -206,12 +210,14 @@ def train_dataset(files: Sequence[str], config: InputConfig, num_examples: Optio
       ds = ds.shard(*record_shard)
     return _block_shuffle(ds, config.shuffle_buffer, seed)
 
-  start_pass, skip = initial_epoch, 0
+  # Resume: records already consumed by `initial_epoch` epochs. Exact when every record
+  # yields an example (records lacking the modality are dropped after this point).
+  start_pass, skip, consumed = initial_epoch, 0, 0
   if initial_epoch and steps_per_epoch and num_examples:
     consumed = initial_epoch * steps_per_epoch * config.batch_size
     start_pass, skip = divmod(consumed, num_examples)
   ds = tf.data.Dataset.range(start_pass, 2**62).flat_map(one_pass).skip(skip)
-  ds = ds.enumerate(start=start_pass * 1000003 + skip)  # element ids for stateless randomness
+  ds = ds.enumerate(start=consumed)  # stream positions seed the per-example randomness
   parse = _parse_fn(config)
   keep = _keep_fn(config)
   terms = None

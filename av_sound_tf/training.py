@@ -149,6 +149,37 @@ class CoSupervised(keras.Model):
     return super().compute_loss(x, target, y_pred, sample_weight, training)
 
 
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+  """Keras' BackupAndRestore plus the random-seed generator states (dropout masks).
+
+  Keras 3.6 saves weights and optimizer state but not the ``SeedGenerator`` states that
+  drive dropout, so a resumed run would draw other masks than the uninterrupted one. They
+  are saved next to the backup as ``seed_generators.json`` and restored with it.
+  """
+
+  def _seed_variables(self):
+    return [v for v in self.model.variables if "seed_generator_state" in v.path]
+
+  def _seed_path(self):
+    return tf.io.gfile.join(self.backup_dir, "seed_generators.json")
+
+  def on_train_begin(self, logs=None):
+    super().on_train_begin(logs)
+    if tf.io.gfile.exists(self._seed_path()) and tf.io.gfile.exists(self._weights_path):
+      with tf.io.gfile.GFile(self._seed_path()) as f:
+        states = json.load(f)
+      variables = self._seed_variables()
+      if len(states) == len(variables):  # in model order: names get uniquified per process
+        for v, state in zip(variables, states):
+          v.assign(np.asarray(state, dtype=v.dtype))
+
+  def _save_model(self):
+    super()._save_model()
+    states = [np.asarray(v.numpy()).tolist() for v in self._seed_variables()]
+    with tf.io.gfile.GFile(self._seed_path(), "w") as f:
+      json.dump(states, f)
+
+
 @dataclasses.dataclass
 class _Data:
   train_files: list
@@ -260,7 +291,7 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
   history_path = tf.io.gfile.join(stage_dir, "history.csv")
   best_path = tf.io.gfile.join(stage_dir, "best.weights.h5")
   callbacks = [
-      keras.callbacks.BackupAndRestore(backup_dir),
+      BackupAndRestore(backup_dir),
       metrics_lib.ValidationMAP(val_ds),
       keras.callbacks.ModelCheckpoint(best_path, monitor="val_mAP", mode="max",
                                       save_best_only=True, save_weights_only=True,

@@ -1,0 +1,44 @@
+"""Shared checks for layers and models (keras-hub's TestCase pattern, as functions)."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def run_serialization_test(obj):
+  """get_config -> from_config -> get_config is a fixed point, and the clone has the same
+  public attributes."""
+  config = obj.get_config()
+  clone = obj.__class__.from_config(config)
+  assert clone.get_config() == config
+  assert set(a for a in dir(clone) if not a.startswith("_")) == set(
+      a for a in dir(obj) if not a.startswith("_"))
+  return clone
+
+
+def run_model_saving_test(model, inputs, tmp_path, atol=1e-6):
+  """`.keras` save and load; outputs equal to `atol`."""
+  expected = model(inputs, training=False)
+  path = str(tmp_path / f"{model.name}.keras")
+  model.save(path)
+  restored = keras.models.load_model(path, safe_mode=True)
+  assert type(restored) is type(model)
+  got = restored(inputs, training=False)
+  np.testing.assert_allclose(keras.ops.convert_to_numpy(got),
+                             keras.ops.convert_to_numpy(expected), atol=atol)
+  return restored
+
+
+def run_fit_test(model, inputs, labels, steps=5, learning_rate=1e-3):
+  """A few training steps on one batch lower the loss; predict works on a tf.data.Dataset."""
+  model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                loss=keras.losses.BinaryCrossentropy())
+  before = model.evaluate(inputs, labels, verbose=0)
+  for _ in range(steps):
+    model.train_on_batch(inputs, labels)
+  after = model.evaluate(inputs, labels, verbose=0)
+  assert after < before, (before, after)
+  ds = tf.data.Dataset.from_tensor_slices(inputs).batch(2)
+  predictions = model.predict(ds, verbose=0)
+  assert predictions.shape == (len(inputs), labels.shape[-1])
+  assert np.all((predictions >= 0) & (predictions <= 1))

@@ -1,0 +1,164 @@
+"""Training: 2-replica MirroredStrategy on CPU, exact resume from backup, SeCoST, binaries."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from av_sound_tf import training
+from tests import synthetic
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("prepared"))
+  synthetic.write_prepared(out, splits=(("train", 32), ("validation", 16)),
+                           num_frames=(120, 160))
+  return out
+
+
+def test_two_replica_mirrored_step_lowers_loss():
+  """Two logical CPU devices make a 2-replica MirroredStrategy: the multi-GPU code path."""
+  script = textwrap.dedent("""
+      import numpy as np, keras, tensorflow as tf
+      from av_sound_tf import models, training
+      training.configure_cpu_replicas(2)
+      strategy = training.get_strategy("mirrored")
+      assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync
+      keras.utils.set_random_seed(0)
+      rng = np.random.default_rng(0)
+      x = rng.normal(-8, 1, [8, 128, 64]).astype("float32")
+      y = np.eye(4, dtype="float32")[np.arange(8) % 4]
+      for i in range(8):
+        x[i, :, 8 * (i % 4):8 * (i % 4) + 8] += 4
+      ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+      with strategy.scope():
+        model = models.MILConvNet(num_classes=4, num_frames=128, width=0.0625)
+        model.compile(keras.optimizers.Adam(1e-3), keras.losses.BinaryCrossentropy())
+      # The loss on the batch as the step sees it (batch-norm in training mode).
+      loss = lambda: float(keras.losses.binary_crossentropy(y, model(x, training=True)).numpy().mean())
+      before = loss()
+      model.fit(ds, steps_per_epoch=1, epochs=1, verbose=0)
+      after = loss()
+      print("LOSS", before, after)
+      assert after < before
+  """)
+  res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=REPO, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "LOSS" in res.stdout
+
+
+class _Crash(keras.callbacks.Callback):
+  """Simulates a killed process in the middle of an epoch."""
+
+  def __init__(self, epoch, batch):
+    super().__init__()
+    self.epoch, self.batch, self.current = epoch, batch, -1
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.current = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.current == self.epoch and batch == self.batch:
+      raise KeyboardInterrupt("simulated crash")
+
+
+def _config(data_dir, model_dir, kind="visual", **kw):
+  base = dict(kind=kind, model_dir=model_dir, data_dir=data_dir, train_splits=("train",),
+              validation_splits=("validation",), width=0.05, batch_size=8, epochs=4,
+              seed=3, deterministic=True, strategy="default", verbose=0, num_frames=128)
+  base.update(kw)
+  return training.TrainConfig(**base)
+
+
+def _weights(path):
+  return keras.models.load_model(path).get_weights()
+
+
+def test_resume_after_crash_equals_uninterrupted(prepared, tmp_path):
+  """Stated tolerance: 1e-6 absolute on every weight (deterministic ops on CPU)."""
+  straight = training.train(_config(prepared, str(tmp_path / "straight")))
+  crashed_dir = str(tmp_path / "crashed")
+  with pytest.raises(KeyboardInterrupt):
+    training.train(_config(prepared, crashed_dir), extra_callbacks=[_Crash(epoch=2, batch=1)])
+  with open(os.path.join(crashed_dir, "backup", "training_metadata.json")) as f:
+    assert json.load(f)["epoch"] == 2  # epochs 0 and 1 finished before the crash
+  resumed = training.train(_config(prepared, crashed_dir))
+  for a, b in zip(_weights(straight["model"]), _weights(resumed["model"])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert resumed["mAP"] == pytest.approx(straight["mAP"], abs=1e-9)
+  with open(os.path.join(crashed_dir, "history.csv")) as f:
+    assert len(f.read().strip().splitlines()) == 1 + 4  # header + one row per epoch
+
+
+def test_audio_training_outputs_and_secost(prepared, tmp_path):
+  model_dir = str(tmp_path / "audio")
+  summary = training.train(_config(prepared, model_dir, kind="audio", epochs=2,
+                                   deterministic=False, secost_stages=1, width=0.0625))
+  assert [s["stage"] for s in summary["stages"]] == [0, 1]
+  for name in ("model.keras", "config.json", "validation_metrics.json",
+               "stage0/model.keras", "stage1/history.csv", "saved_model/saved_model.pb"):
+    assert os.path.exists(os.path.join(model_dir, name)), name
+  with open(os.path.join(model_dir, "config.json")) as f:
+    config = json.load(f)
+  assert config["secost_stages"] == 1 and config["num_classes"] == 4
+  assert 0 <= summary["mAP"] <= 1 and summary["evaluated_classes"] == 4
+
+
+def test_training_learns_the_synthetic_task(prepared, tmp_path):
+  summary = training.train(_config(prepared, str(tmp_path / "v"), epochs=6, width=0.1,
+                                   learning_rate=3e-3, deterministic=False))
+  assert summary["mAP"] > 0.9 and summary["accuracy"] > 0.8
+
+
+def test_config_errors(prepared, tmp_path):
+  with pytest.raises(ValueError, match="Split 'nope'"):
+    training.train(_config(prepared, str(tmp_path / "x"), train_splits=("nope",)))
+  with pytest.raises(ValueError, match="Unknown strategy"):
+    training.get_strategy("tpu_pod")
+
+
+def _run(binary, *args):
+  return subprocess.run([sys.executable, os.path.join(REPO, "bin", binary), *args],
+                        capture_output=True, text=True, timeout=900)
+
+
+def test_train_and_evaluate_binaries(prepared, tmp_path):
+  model_dir = str(tmp_path / "bin_audio")
+  res = _run("train_audio", f"--data_dir={prepared}", "--train_splits=train",
+             "--validation_splits=validation", f"--model_dir={model_dir}", "--width=0.0625",
+             "--num_frames=128", "--epochs=1", "--batch_size=8", "--noverbose")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "mAP=" in res.stdout
+  eval_dir = str(tmp_path / "eval")
+  res = _run("evaluate_model", f"--model={model_dir}/model.keras", f"--data_dir={prepared}",
+             "--splits=validation", f"--output_dir={eval_dir}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  with open(os.path.join(eval_dir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["num_examples"] == 16 and "accuracy" in summary
+  with open(os.path.join(eval_dir, "per_class.csv")) as f:
+    lines = f.read().splitlines()
+  assert lines[0] == "index,mid,name,num_positives,average_precision,roc_auc,d_prime"
+  assert lines[1].startswith("0,/m/c0,Class 0,4,")
+
+
+def test_binaries_fail_clearly(tmp_path):
+  for binary in ("train_audio", "train_visual", "evaluate_model"):
+    res = _run(binary, "--helpfull")
+    assert "Traceback" not in res.stderr and "--" in res.stdout
+  res = _run("train_visual", f"--model_dir={tmp_path}/m", f"--data_dir={tmp_path}/nothing")
+  assert res.returncode == 2 and "Traceback" not in res.stderr
+  assert "dataset_info.json" in res.stderr
+  res = _run("train_audio", f"--data_dir={tmp_path}")
+  assert res.returncode != 0 and "--model_dir is required" in res.stderr
+  res = _run("evaluate_model", f"--model={tmp_path}/none.keras", f"--data_dir={tmp_path}",
+             "--splits=x")
+  assert res.returncode == 2 and "Model not found" in res.stderr
