@@ -166,10 +166,11 @@ class MILConvNet(_ConfigModel):
     x = layers.Reshape((-1, _scaled(B5_FILTERS, width)), name="segments")(x)  # [B, S, F]
     x = _dense_bn_relu(x, _scaled(B6_FILTERS, width), "b6")
     features = _dense_bn_relu(x, _scaled(B7_FILTERS, width), "b7")
-    segment_scores = layers.Dense(num_classes, activation="sigmoid",
+    # Scores are computed in float32 under a mixed-precision policy (stable BCE near 0/1).
+    segment_scores = layers.Dense(num_classes, activation="sigmoid", dtype="float32",
                                   name="segment_scores")(features)
-    clip_scores = MILAggregation(aggregation, num_classes, name="clip_scores")(
-        [segment_scores, features])
+    clip_scores = MILAggregation(aggregation, num_classes, dtype="float32",
+                                 name="clip_scores")([segment_scores, features])
     super().__init__(inputs=log_mel, outputs=clip_scores, **kwargs)
     # === Config ===
     self.num_classes = num_classes
@@ -203,7 +204,8 @@ class VisualDNN(_ConfigModel):
       x = layers.Dense(_scaled(units, width), activation="relu", name=f"hidden{i + 1}")(x)
       if i < 2:
         x = layers.Dropout(dropout, name=f"dropout{i + 1}")(x)
-    scores = layers.Dense(num_classes, activation="sigmoid", name="clip_scores")(x)
+    scores = layers.Dense(num_classes, activation="sigmoid", dtype="float32",
+                          name="clip_scores")(x)
     super().__init__(inputs=embedding, outputs=scores, **kwargs)
     self.num_classes = num_classes
     self.embedding_dim = embedding_dim
@@ -229,9 +231,10 @@ class EmbeddingMIL(_ConfigModel):
     for i in range(2):
       x = _dense_bn_relu(x, hidden, f"instance{i + 1}")
       x = layers.Dropout(dropout, name=f"instance{i + 1}_dropout")(x)
-    segment_scores = layers.Dense(num_classes, activation="sigmoid", name="segment_scores")(x)
-    clip_scores = MILAggregation(aggregation, num_classes, name="clip_scores")(
-        [segment_scores, x])
+    segment_scores = layers.Dense(num_classes, activation="sigmoid", dtype="float32",
+                                  name="segment_scores")(x)
+    clip_scores = MILAggregation(aggregation, num_classes, dtype="float32",
+                                 name="clip_scores")([segment_scores, x])
     super().__init__(inputs=embeddings, outputs=clip_scores, **kwargs)
     self.num_classes = num_classes
     self.num_instances = num_instances

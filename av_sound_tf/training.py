@@ -112,6 +112,7 @@ class TrainConfig:
   learning_rate: float = 1e-3
   seed: int = 0
   deterministic: bool = False
+  precision: str = "float32"  # or mixed_bfloat16 (docs/benchmarks.md)
   strategy: str = "mirrored"
   balance: bool = False
   mixup_alpha: float = 0.0
@@ -310,6 +311,15 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
 
 def train(config: TrainConfig, extra_callbacks=()) -> dict:
   """Trains, selects, saves and exports a model; returns a summary dict."""
+  previous_policy = keras.mixed_precision.dtype_policy()
+  keras.mixed_precision.set_dtype_policy(config.precision)
+  try:
+    return _train(config, extra_callbacks)
+  finally:
+    keras.mixed_precision.set_dtype_policy(previous_policy)
+
+
+def _train(config, extra_callbacks):
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)

@@ -101,3 +101,17 @@ def test_bad_arguments():
     models.MILAggregation("median")
   with pytest.raises(ValueError, match="Unknown model kind"):
     models.build_model("video", 3)
+
+
+def test_mixed_bfloat16_keeps_float32_scores(tmp_path):
+  keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+  try:
+    model = models.MILConvNet(num_classes=4, num_frames=128, width=0.0625, name="bf16")
+    x = np.random.default_rng(4).normal(-8, 1, [4, 128, 64]).astype(np.float32)
+    out = model(x)
+    assert out.dtype == "float32"
+    assert model.get_layer("b1_1_conv").compute_dtype == "bfloat16"
+    assert model.get_layer("b1_1_conv").kernel.dtype == "float32"
+    test_case.run_fit_test(model, x, np.eye(4, dtype=np.float32))
+  finally:
+    keras.mixed_precision.set_dtype_policy("float32")
