@@ -28,6 +28,8 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/prepare_benchmark.py
+	$(PY) benchmarks/train_benchmark.py
+	$(PY) benchmarks/train_benchmark.py --precision=mixed_bfloat16
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

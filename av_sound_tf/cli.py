@@ -83,6 +83,9 @@ def define_train_flags(flags, kind, batch_size, epochs):
                        "(multi-replica training without GPUs, for testing).", lower_bound=0)
   flags.DEFINE_bool("balance", False, "Class-balanced per-example loss weights "
                     "sum_c y_c / count_c (see av_sound_tf/pipeline.py).")
+  flags.DEFINE_enum("model_selection", "best", ["best", "last"], "best: keep the epoch with "
+                    "the highest validation mAP; last: keep the final weights (use it when "
+                    "the validation split is also the test split).")
   flags.DEFINE_bool("verbose", True, "Keras progress bars (one line per epoch when off).")
   if kind == "visual":
     flags.DEFINE_float("dropout", 0.3, "Dropout after the first two hidden layers.",
@@ -125,7 +128,7 @@ def train_config_from_flags(flags_values, kind):
       validation_splits=tuple(f.validation_splits), width=f.width, batch_size=f.batch_size,
       epochs=f.epochs, steps_per_epoch=f.steps_per_epoch, learning_rate=f.learning_rate,
       seed=f.seed, deterministic=f.deterministic, precision=f.precision,
-      strategy=f.strategy, balance=f.balance,
+      strategy=f.strategy, balance=f.balance, model_selection=f.model_selection,
       mixup_alpha=f.mixup_alpha, verbose=1 if f.verbose else 2)
   if kind == "visual":
     if not f.data_dir:

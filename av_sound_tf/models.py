@@ -108,6 +108,17 @@ def _dense_bn_relu(x, units, name):
   return layers.ReLU(name=f"{name}_relu")(x)
 
 
+def _mil_head(features, num_classes, aggregation):
+  """Instance features [B, S, F] -> ``segment_scores`` [B, S, C] -> ``clip_scores`` [B, C].
+
+  Scores are computed in float32 under a mixed-precision policy (a stable loss near 0/1).
+  """
+  segment_scores = layers.Dense(num_classes, activation="sigmoid", dtype="float32",
+                                name="segment_scores")(features)
+  return MILAggregation(aggregation, num_classes, dtype="float32",
+                        name="clip_scores")([segment_scores, features])
+
+
 class _ConfigModel(keras.Model):
   """Functional model whose config is its constructor arguments (keras-hub style)."""
 
@@ -166,11 +177,7 @@ class MILConvNet(_ConfigModel):
     x = layers.Reshape((-1, _scaled(B5_FILTERS, width)), name="segments")(x)  # [B, S, F]
     x = _dense_bn_relu(x, _scaled(B6_FILTERS, width), "b6")
     features = _dense_bn_relu(x, _scaled(B7_FILTERS, width), "b7")
-    # Scores are computed in float32 under a mixed-precision policy (stable BCE near 0/1).
-    segment_scores = layers.Dense(num_classes, activation="sigmoid", dtype="float32",
-                                  name="segment_scores")(features)
-    clip_scores = MILAggregation(aggregation, num_classes, dtype="float32",
-                                 name="clip_scores")([segment_scores, features])
+    clip_scores = _mil_head(features, num_classes, aggregation)
     super().__init__(inputs=log_mel, outputs=clip_scores, **kwargs)
     # === Config ===
     self.num_classes = num_classes
@@ -231,10 +238,7 @@ class EmbeddingMIL(_ConfigModel):
     for i in range(2):
       x = _dense_bn_relu(x, hidden, f"instance{i + 1}")
       x = layers.Dropout(dropout, name=f"instance{i + 1}_dropout")(x)
-    segment_scores = layers.Dense(num_classes, activation="sigmoid", dtype="float32",
-                                  name="segment_scores")(x)
-    clip_scores = MILAggregation(aggregation, num_classes, dtype="float32",
-                                 name="clip_scores")([segment_scores, x])
+    clip_scores = _mil_head(x, num_classes, aggregation)
     super().__init__(inputs=embeddings, outputs=clip_scores, **kwargs)
     self.num_classes = num_classes
     self.num_instances = num_instances

@@ -120,6 +120,7 @@ class TrainConfig:
   freq_mask: int = 0
   eval_crop: str = "start"
   shuffle_buffer: int = 2048
+  model_selection: str = "best"  # best: highest val_mAP epoch; last: the final weights
   secost_stages: int = 0
   secost_alpha: float = 0.5
   verbose: int = 1
@@ -303,7 +304,7 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
   ]
   model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks,
             verbose=config.verbose)
-  if tf.io.gfile.exists(best_path):
+  if config.model_selection == "best" and tf.io.gfile.exists(best_path):
     model.load_weights(best_path)
   best = _best_so_far(history_path)
   return student, best
@@ -320,6 +321,9 @@ def train(config: TrainConfig, extra_callbacks=()) -> dict:
 
 
 def _train(config, extra_callbacks):
+  if config.model_selection not in ("best", "last"):
+    raise ValueError("model_selection must be best or last. "
+                     f"Received: {config.model_selection!r}")
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)

@@ -162,3 +162,23 @@ def test_binaries_fail_clearly(tmp_path):
   res = _run("evaluate_model", f"--model={tmp_path}/none.keras", f"--data_dir={tmp_path}",
              "--splits=x")
   assert res.returncode == 2 and "Model not found" in res.stderr
+
+
+def test_trains_on_audioset_released_embeddings(tmp_path):
+  """The MIL head trains on AudioSet-format VGGish feature records (--input=audioset_embeddings)."""
+  import tensorflow as tf
+  from tests.schema_test import _audioset_example
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 24), ("eval", 12)):
+    with tf.io.TFRecordWriter(str(tmp_path / f"{split}.tfrecord")) as w:
+      for i in range(n):
+        emb = rng.integers(0, 256, [10, 128])
+        emb[:, i % 3] = 250  # the class shows in the features
+        w.write(_audioset_example(f"{split}{i:08d}", 0.0, [i % 3], emb).SerializeToString())
+  config = training.TrainConfig(
+      kind="embedding", model_dir=str(tmp_path / "m"), train_pattern=str(tmp_path / "train*"),
+      validation_pattern=str(tmp_path / "eval*"), num_classes=527, batch_size=8, epochs=2,
+      steps_per_epoch=3, strategy="default", verbose=0)
+  summary = training.train(config)
+  assert summary["num_examples"] == 12 and summary["evaluated_classes"] == 3
+  assert summary["excluded_classes"] == 524  # classes with no positives are counted
