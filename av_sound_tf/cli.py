@@ -86,6 +86,8 @@ def define_train_flags(flags, kind, batch_size, epochs):
   flags.DEFINE_enum("model_selection", "best", ["best", "last"], "best: keep the epoch with "
                     "the highest validation mAP; last: keep the final weights (use it when "
                     "the validation split is also the test split).")
+  flags.DEFINE_bool("overwrite", False, "Delete a finished run in --model_dir first "
+                    "(an interrupted run is always resumed).")
   flags.DEFINE_bool("verbose", True, "Keras progress bars (one line per epoch when off).")
   if kind == "visual":
     flags.DEFINE_float("dropout", 0.3, "Dropout after the first two hidden layers.",

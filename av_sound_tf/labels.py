@@ -42,8 +42,14 @@ def _read_text(path):
 
 
 def split_labels(text: str) -> List[str]:
-  """Splits a label field on ',' or ';' and strips whitespace and quotes."""
-  return [t.strip().strip('"').strip() for t in re.split(r"[,;]", text or "") if t.strip()]
+  """Splits a label field on ';' if it has one, else on ','; strips whitespace and quotes.
+
+  AudioSet display names may contain commas ("Male speech, man speaking"): separate such
+  names with ';'. (`data_prep.inputs` also re-joins comma-split pieces that form a known
+  name.)
+  """
+  sep = ";" if ";" in (text or "") else ","
+  return [t.strip().strip('"').strip() for t in (text or "").split(sep) if t.strip()]
 
 
 class LabelMap:

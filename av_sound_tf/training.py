@@ -310,8 +310,17 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
   return student, best
 
 
-def train(config: TrainConfig, extra_callbacks=()) -> dict:
-  """Trains, selects, saves and exports a model; returns a summary dict."""
+def train(config: TrainConfig, extra_callbacks=(), overwrite=False) -> dict:
+  """Trains, selects, saves and exports a model; returns a summary dict.
+
+  A model_dir holding an interrupted run is resumed (finished SeCoST stages are kept); one
+  holding a finished run is refused unless `overwrite` deletes it first.
+  """
+  if overwrite and tf.io.gfile.exists(config.model_dir):
+    tf.io.gfile.rmtree(config.model_dir)
+  if tf.io.gfile.exists(tf.io.gfile.join(config.model_dir, "validation_metrics.json")):
+    raise ValueError(f"{config.model_dir} holds a finished run; use another --model_dir or "
+                     "--overwrite.")
   previous_policy = keras.mixed_precision.dtype_policy()
   keras.mixed_precision.set_dtype_policy(config.precision)
   try:
@@ -338,10 +347,14 @@ def _train(config, extra_callbacks):
   for stage in range(config.secost_stages + 1):
     stage_dir = config.model_dir if stage == 0 and not config.secost_stages else \
         tf.io.gfile.join(config.model_dir, f"stage{stage}")
-    model, best = _fit_stage(config, data, strategy, stage_dir, stage, teacher_path,
-                             extra_callbacks)
     stage_model_path = tf.io.gfile.join(stage_dir, "model.keras")
-    model.save(stage_model_path)
+    if config.secost_stages and tf.io.gfile.exists(stage_model_path):
+      best = _best_so_far(tf.io.gfile.join(stage_dir, "history.csv"))  # finished earlier
+      logging.info("Stage %d is complete in %s; keeping it.", stage, stage_dir)
+    else:
+      model, best = _fit_stage(config, data, strategy, stage_dir, stage, teacher_path,
+                               extra_callbacks)
+      model.save(stage_model_path)
     stages.append({"stage": stage, "val_mAP": best, "model": stage_model_path})
     teacher_path = stage_model_path
   final_path = tf.io.gfile.join(config.model_dir, "model.keras")

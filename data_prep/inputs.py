@@ -45,8 +45,17 @@ class Inputs:
 def _resolve(raw_labels, label_map, source, line):
   """(indices, mids, error) for a row's labels; unknown labels fail the row, never dropped."""
   indices, mids, unknown = [], [], []
-  for label in raw_labels:
-    i = label_map.lookup(label)
+  k = 0
+  while k < len(raw_labels):
+    label, i, used = raw_labels[k], label_map.lookup(raw_labels[k]), 1
+    # A display name with commas ("Male speech, man speaking") split on ',': re-join.
+    for n in range(2, 5):
+      if i is not None or k + n > len(raw_labels):
+        break
+      joined = ", ".join(raw_labels[k:k + n])
+      if label_map.lookup(joined) is not None:
+        label, i, used = joined, label_map.lookup(joined), n
+    k += used
     if i is None:
       unknown.append(label)
     elif i not in indices:

@@ -98,7 +98,6 @@ class ClipResult:
   has_audio: bool = False
   has_video: bool = False
   warnings: str = ""
-  embedding_dim: int = 0
 
 
 class ClipProcessor:
@@ -201,8 +200,7 @@ class ClipProcessor:
         "written", example=example.SerializeToString(),
         num_frames=0 if log_mel is None else log_mel.shape[0], duration_seconds=duration,
         has_audio=log_mel is not None, has_video=embedding_mean is not None,
-        warnings="; ".join(warnings),
-        embedding_dim=0 if embedding_mean is None else embedding_mean.shape[0])
+        warnings="; ".join(warnings))
 
 
 _WORKER = None
@@ -210,7 +208,6 @@ _WORKER = None
 
 def _init_worker(config):
   global _WORKER
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   # One thread per worker process: the parallelism comes from the processes.
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)

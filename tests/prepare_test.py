@@ -289,3 +289,18 @@ def test_all_esc10_clips(tmp_path):
     samples = int(round(float(r["duration_seconds"]) * 16000))
     assert abs(int(r["num_frames"]) - (1 + (samples - 256) // 160)) <= 1
   assert sum(int(r["num_frames"]) == 499 for r in manifest) >= 350
+
+
+def test_display_names_with_commas(tmp_path, audioset_dir):
+  classes = labels.LabelMap.from_csv(os.path.join(audioset_dir, "class_labels_indices.csv"))
+  esc = shared_path("esc10")
+  clip = os.path.join(esc, ESC_CLIPS[0])
+  file_list = write_list(tmp_path / "l.csv", [
+      (clip, "Male speech, man speaking"),
+      (clip.replace("100032", "110389"), "Male speech, man speaking;Dog"),
+      (os.path.join(esc, ESC_CLIPS[2]), "Speech, Dog, Bark")])
+  found = inputs.from_file_list(file_list, label_map=classes)
+  assert [j.label_indices for j in found.jobs] == [[1], [1, classes.lookup("Dog")],
+                                                   [0, classes.lookup("Dog"),
+                                                    classes.lookup("Bark")]]
+  assert all(not j.error for j in found.jobs)

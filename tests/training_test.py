@@ -182,3 +182,11 @@ def test_trains_on_audioset_released_embeddings(tmp_path):
   summary = training.train(config)
   assert summary["num_examples"] == 12 and summary["evaluated_classes"] == 3
   assert summary["excluded_classes"] == 524  # classes with no positives are counted
+
+
+def test_finished_run_is_not_silently_retrained(prepared, tmp_path):
+  config = _config(prepared, str(tmp_path / "done"), epochs=1, deterministic=False)
+  training.train(config)
+  with pytest.raises(ValueError, match="finished run"):
+    training.train(config)
+  assert training.train(config, overwrite=True)["num_examples"] == 16
