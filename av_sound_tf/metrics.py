@@ -55,10 +55,12 @@ class Evaluation:
     return d_prime(self.mean_auc)
 
   def summary(self) -> dict:
+    """Summary numbers; a non-finite value (d' of a perfect AUC) is None (valid JSON)."""
+    finite = lambda x: x if np.isfinite(x) else None
     return {
-        "mAP": self.mean_average_precision,
-        "mAUC": self.mean_auc,
-        "d_prime": self.d_prime,
+        "mAP": finite(self.mean_average_precision),
+        "mAUC": finite(self.mean_auc),
+        "d_prime": finite(self.d_prime),
         "num_examples": self.num_examples,
         "num_classes": int(self.average_precision.shape[0]),
         "evaluated_classes": int(self.valid.sum()),

@@ -73,3 +73,12 @@ def test_streaming_metric_close_to_sklearn():
   m.update_state(labels, scores)
   exact = metrics.evaluate(labels, scores).mean_average_precision
   assert abs(float(m.result()) - exact) < 0.02
+
+
+def test_perfect_scores_give_valid_json():
+  import json
+  labels = np.eye(3)[[0, 1, 2, 0]]
+  ev = metrics.evaluate(labels, labels * 0.9 + 0.05)
+  assert ev.mean_auc == 1.0 and math.isinf(ev.d_prime)
+  text = json.dumps(ev.summary(), allow_nan=False)
+  assert json.loads(text)["d_prime"] is None
