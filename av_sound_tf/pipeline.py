@@ -41,7 +41,7 @@ import tensorflow as tf
 from av_sound_tf import features as features_lib
 from av_sound_tf import schema
 
-KINDS = ("audio", "visual", "embedding")
+KINDS = ("audio", "visual", "embedding", "audiovisual")
 EVAL_CROPS = ("start", "center")
 
 
@@ -50,8 +50,9 @@ class InputConfig:
   """What the pipeline produces.
 
   kind: ``audio`` (log-mel [num_frames, num_mel_bins]), ``visual`` (mean frame embedding
-    [embedding_dim]) or ``embedding`` (AudioSet's released VGGish features
-    [num_instances, 128]).
+    [embedding_dim]), ``embedding`` (AudioSet's released VGGish features
+    [num_instances, 128]) or ``audiovisual`` (a dict of log_mel, embedding_mean, has_audio,
+    has_video: both models' inputs for fusion, nothing filtered).
   """
 
   kind: str
@@ -78,7 +79,7 @@ class InputConfig:
       raise ValueError(f"eval_crop must be one of {EVAL_CROPS}. Received: {self.eval_crop!r}")
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1. Received: {self.batch_size}")
-    if self.kind == "visual" and self.embedding_dim < 1:
+    if self.kind in ("visual", "audiovisual") and self.embedding_dim < 1:
       raise ValueError("The visual pipeline needs embedding_dim (dataset_info.json has it).")
 
 
@@ -113,6 +114,11 @@ def _features(ex, config, training, seed):
     return ex["embedding_mean"]
   if config.kind == "embedding":
     return ex["audio_embedding"]
+  if config.kind == "audiovisual":
+    audio = dataclasses.replace(config, kind="audio")
+    return {"log_mel": _features(ex, audio, training, seed),
+            "embedding_mean": ex["embedding_mean"], "has_audio": ex["has_audio"],
+            "has_video": ex["has_video"]}
   frames = tf.shape(ex["log_mel"])[0]
   excess = tf.maximum(frames - config.num_frames, 0)
   if training:

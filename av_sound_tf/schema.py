@@ -272,3 +272,49 @@ def read_audioset_embeddings(file_pattern, num_classes=527, num_seconds=10,
   return tf.data.TFRecordDataset(files).map(
       lambda s: parse_audioset_embedding_example(s, num_classes, num_seconds),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+
+# Model outputs, the input of the fusion models (bin/predict writes them): one Example per
+# clip with the audio and visual models' clip scores and which modalities were present.
+PREDICTION_SPEC = {
+    "clip_id": tf.io.FixedLenFeature([], tf.string),
+    "labels": tf.io.VarLenFeature(tf.int64),
+    "h_audio": tf.io.VarLenFeature(tf.float32),
+    "h_visual": tf.io.VarLenFeature(tf.float32),
+    "has_audio": tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    "has_video": tf.io.FixedLenFeature([], tf.int64, default_value=0),
+}
+PREDICTIONS_INFO = "predictions_info.json"
+
+
+def make_prediction_example(clip_id, label_indices, h_audio, h_visual, has_audio,
+                            has_video) -> tf.train.Example:
+  """One clip's model outputs (h_audio, h_visual: [C]; zeros for a missing modality)."""
+  return tf.train.Example(features=tf.train.Features(feature={
+      "clip_id": _bytes([clip_id if isinstance(clip_id, bytes) else clip_id.encode()]),
+      "labels": _int64([int(i) for i in label_indices]),
+      "h_audio": _float(np.asarray(h_audio, np.float32).tolist()),
+      "h_visual": _float(np.asarray(h_visual, np.float32).tolist()),
+      "has_audio": _int64([int(has_audio)]),
+      "has_video": _int64([int(has_video)]),
+  }))
+
+
+def parse_prediction_example(serialized, num_classes: int):
+  """-> dict: clip_id, labels (multi-hot), h_audio, h_visual [C], audio_present and
+  visual_present (float32 [1])."""
+  p = tf.io.parse_single_example(serialized, PREDICTION_SPEC)
+  indices = tf.sparse.to_dense(p["labels"])
+  labels = tf.reduce_max(tf.one_hot(indices, num_classes, dtype=tf.float32), axis=0)
+  labels = tf.ensure_shape(
+      tf.cond(tf.size(indices) > 0, lambda: labels, lambda: tf.zeros([num_classes])),
+      [num_classes])
+  dense = lambda k: tf.ensure_shape(tf.sparse.to_dense(p[k]), [num_classes])
+  return {
+      "clip_id": p["clip_id"],
+      "labels": labels,
+      "h_audio": dense("h_audio"),
+      "h_visual": dense("h_visual"),
+      "audio_present": tf.cast(p["has_audio"], tf.float32)[None],
+      "visual_present": tf.cast(p["has_video"], tf.float32)[None],
+  }

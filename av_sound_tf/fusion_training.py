@@ -1,0 +1,119 @@
+"""Training and evaluating fusion models on model outputs written by bin/predict.
+
+Paper 4.2: Adam, 100 epochs, batch 256, model selection on validation mAP; inputs
+standardized with statistics of the training split only (stored in the model). Average
+fusion has no parameters: it is built, saved and evaluated without training.
+"""
+
+import dataclasses
+import json
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from av_sound_tf import fusion
+from av_sound_tf import metrics as metrics_lib
+from av_sound_tf import predict
+from av_sound_tf import training
+
+
+@dataclasses.dataclass
+class FusionConfig:
+  predictions_dir: str
+  model_dir: str
+  fusion: str = "attention"
+  variant: str = "multimodal"
+  transform: str = "per_class"
+  transform_hidden: int = 512
+  attention_hidden: int = 512
+  mlp_hidden: int = 512
+  dropout: float = 0.5
+  l2: float = 1e-5
+  train_split: str = "train"
+  validation_split: str = "validation"
+  epochs: int = 100
+  batch_size: int = 256
+  learning_rate: float = 1e-3
+  seed: int = 0
+  verbose: int = 2
+
+
+def build(config: FusionConfig, num_classes: int, stats=None) -> fusion.FusionModel:
+  stats = stats or {}
+  return fusion.FusionModel(
+      num_classes, config.fusion, stats.get("audio_mean"), stats.get("audio_variance"),
+      stats.get("visual_mean"), stats.get("visual_variance"), variant=config.variant,
+      attention_hidden=config.attention_hidden, transform=config.transform,
+      transform_hidden=config.transform_hidden,
+      mlp_hidden=config.mlp_hidden, dropout=config.dropout, l2=config.l2,
+      name=f"{config.fusion}_fusion" + ("" if config.fusion != "attention" else
+                                        f"_{config.variant}"))
+
+
+def train_fusion(config: FusionConfig, overwrite=False) -> dict:
+  """Trains (or, for average fusion, builds) a fusion model; returns its validation summary."""
+  if overwrite and tf.io.gfile.exists(config.model_dir):
+    tf.io.gfile.rmtree(config.model_dir)
+  if tf.io.gfile.exists(tf.io.gfile.join(config.model_dir, "validation_metrics.json")):
+    raise ValueError(f"{config.model_dir} holds a finished run; use another --model_dir or "
+                     "--overwrite.")
+  keras.utils.set_random_seed(config.seed)
+  info = predict.read_predictions_info(config.predictions_dir)
+  num_classes = info["num_classes"]
+  train_path = predict.prediction_file(config.predictions_dir, config.train_split)
+  val_path = predict.prediction_file(config.predictions_dir, config.validation_split)
+  tf.io.gfile.makedirs(config.model_dir)
+  val_ds = predict.prediction_dataset(val_path, num_classes, config.batch_size)
+  stats = None if config.fusion == "average" else predict.training_statistics(
+      train_path, num_classes)
+  model = build(config, num_classes, stats)
+  if config.fusion != "average":
+    train_ds = predict.prediction_dataset(
+        train_path, num_classes, config.batch_size, shuffle_seed=config.seed,
+        num_examples=info["splits"][config.train_split].get("num_examples"))
+    model.compile(keras.optimizers.Adam(config.learning_rate),
+                  keras.losses.BinaryCrossentropy())
+    best_path = tf.io.gfile.join(config.model_dir, "best.weights.h5")
+    history_path = tf.io.gfile.join(config.model_dir, "history.csv")
+    callbacks = [
+        training.BackupAndRestore(tf.io.gfile.join(config.model_dir, "backup")),
+        metrics_lib.ValidationMAP(val_ds),
+        keras.callbacks.ModelCheckpoint(best_path, monitor="val_mAP", mode="max",
+                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.CSVLogger(history_path, append=True),
+    ]
+    model.fit(train_ds, epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
+    model.load_weights(best_path)
+  path = tf.io.gfile.join(config.model_dir, "model.keras")
+  model.save(path)
+  labels, scores = metrics_lib.predict_dataset(model, val_ds)
+  summary = dict(metrics_lib.evaluate(labels, scores).summary(), model=path,
+                 fusion=config.fusion, variant=config.variant,
+                 num_parameters=int(model.count_params()))
+  with tf.io.gfile.GFile(tf.io.gfile.join(config.model_dir, "config.json"), "w") as f:
+    json.dump(dict(dataclasses.asdict(config), num_classes=num_classes), f, indent=2)
+  with tf.io.gfile.GFile(tf.io.gfile.join(config.model_dir, "validation_metrics.json"),
+                         "w") as f:
+    json.dump(summary, f, indent=2)
+  logging.info("%s: validation mAP %.4f", model.display_name, summary["mAP"] or float("nan"))
+  return summary
+
+
+def predict_fusion(model, path, num_classes, batch_size=1024):
+  """(labels, fused scores, attention weights or None, presence [N, 2]) over a file."""
+  attention = model.fusion == "attention"
+  view = fusion.with_attention_weights(model) if attention else model
+  all_labels, all_scores, all_alpha, presence = [], [], [], []
+  for inputs, labels in predict.prediction_dataset(path, num_classes, batch_size):
+    out = view(inputs, training=False)
+    if attention:
+      all_scores.append(np.asarray(out["fused_scores"]))
+      all_alpha.append(np.asarray(out["attention_weights"]))
+    else:
+      all_scores.append(np.asarray(out))
+    all_labels.append(labels.numpy())
+    presence.append(np.concatenate([inputs["audio_present"], inputs["visual_present"]], 1))
+  return (np.concatenate(all_labels), np.concatenate(all_scores),
+          np.concatenate(all_alpha) if attention else None, np.concatenate(presence))

@@ -1,0 +1,232 @@
+"""The fusion analysis report: Table 2 / Table 4 comparisons and Figures 2-4 for your data.
+
+`write_report` evaluates the audio and visual models' scores (from bin/predict) and every
+given fusion model on one split, and writes to the output folder:
+
+* ``report.md``: Table-2-style comparison (mAP, mAUC, d'), Table-4-style ablation of the
+  attention variants present, counts of classes improved / deteriorated by the main fusion
+  model over the better single modality (and by more than 10 and 5 AP points), and the
+  classes with the largest gains and losses by name.
+* ``fig2_ap_bubbles.png``: per-class audio AP (x) against visual AP (y); bubble size = |AP
+  change| of the fusion model over the better single modality, colour = its sign.
+* ``fig3_ap_change_histogram.png``: histogram of those changes.
+* ``fig4_attention_histogram.png``: histogram over classes of the mean attention weight on
+  audio, alpha_a, over the clips that contain the class (attention fusion only).
+* ``per_class.csv``: every number behind the figures.
+
+The "main" fusion model is the multimodal attention model when present, else the best one.
+"""
+
+import csv
+import io
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from av_sound_tf import fusion_training
+from av_sound_tf import labels as labels_lib
+from av_sound_tf import metrics as metrics_lib
+from av_sound_tf import predict
+from av_sound_tf import schema
+
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _integer_ticks():
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  return ticker.MaxNLocator(integer=True)
+
+
+def _save(plt, fig, output_dir, name):
+  """PNG through tf.io.gfile, so that gs:// output folders work too."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  plt.close(fig)
+  with tf.io.gfile.GFile(tf.io.gfile.join(output_dir, name), "wb") as f:
+    f.write(buf.getvalue())
+
+
+def _load_single_modal(path, num_classes):
+  labels, h_a, h_v, present = [], [], [], []
+  for inputs, y in predict.prediction_dataset(path, num_classes, 1024):
+    labels.append(y.numpy())
+    h_a.append(inputs["h_audio"].numpy())
+    h_v.append(inputs["h_visual"].numpy())
+    present.append(np.concatenate([inputs["audio_present"], inputs["visual_present"]], 1))
+  return (np.concatenate(labels), np.concatenate(h_a), np.concatenate(h_v),
+          np.concatenate(present))
+
+
+def _fmt(x, scale=100.0):
+  return "n/a" if x is None or not np.isfinite(x) else f"{scale * x:.2f}"
+
+
+def write_report(predictions_dir, model_paths, output_dir, split="eval", top_k=10) -> dict:
+  """Evaluates and writes the report; returns {"report": path, "rows": [...], ...}."""
+  info = predict.read_predictions_info(predictions_dir)
+  num_classes = info["num_classes"]
+  label_map = labels_lib.LabelMap.from_csv(
+      tf.io.gfile.join(predictions_dir, info.get("labels_file", schema.LABELS_FILE)))
+  path = predict.prediction_file(predictions_dir, split)
+  labels, h_a, h_v, present = _load_single_modal(path, num_classes)
+  results = [("Audio", metrics_lib.evaluate(labels, h_a), None, None),
+             ("Visual", metrics_lib.evaluate(labels, h_v), None, None)]
+  for model_path in model_paths:
+    if not tf.io.gfile.exists(model_path):
+      raise FileNotFoundError(f"Fusion model not found: {model_path}")
+    model = keras.models.load_model(model_path, safe_mode=True)
+    y, scores, alpha, _ = fusion_training.predict_fusion(model, path, num_classes)
+    results.append((model.display_name, metrics_lib.evaluate(y, scores), alpha, model))
+  fused = [r for r in results[2:]]
+  if not fused:
+    raise ValueError("Give at least one fusion model.")
+  main = next((r for r in fused if r[3].fusion == "attention" and r[3].variant == "multimodal"),
+              max(fused, key=lambda r: r[1].mean_average_precision))
+  ap_a, ap_v, ap_av = results[0][1].average_precision, results[1][1].average_precision, \
+      main[1].average_precision
+  change = ap_av - np.maximum(ap_a, ap_v)
+  valid = np.isfinite(change)
+  mean_alpha = np.full(num_classes, np.nan)
+  attention_model = next((r for r in fused if r[2] is not None and r is main), None) or next(
+      (r for r in fused if r[2] is not None), None)
+  if attention_model is not None:
+    alpha = attention_model[2]
+    both = (present[:, 0] * present[:, 1]) > 0
+    for c in range(num_classes):
+      clips = (labels[:, c] > 0.5) & both
+      if clips.any():
+        mean_alpha[c] = float(alpha[clips, c].mean())
+
+  tf.io.gfile.makedirs(output_dir)
+  rows = []
+  for c in range(num_classes):
+    row = {"index": c, "mid": label_map.mids[c], "name": label_map.names[c],
+           "num_positives": int(labels[:, c].sum())}
+    for name, ev, _, _ in results:
+      row[f"AP {name}"] = "" if np.isnan(ev.average_precision[c]) else \
+          f"{ev.average_precision[c]:.6f}"
+    row["AP change (main fusion - best single)"] = "" if not valid[c] else f"{change[c]:.6f}"
+    row["mean alpha_audio"] = "" if np.isnan(mean_alpha[c]) else f"{mean_alpha[c]:.6f}"
+    rows.append(row)
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+  writer.writeheader()
+  writer.writerows(rows)
+  with tf.io.gfile.GFile(tf.io.gfile.join(output_dir, "per_class.csv"), "w") as f:
+    f.write(buf.getvalue())
+
+  names = np.asarray(label_map.names)
+  figures = _figures(output_dir, ap_a, ap_v, change, valid, mean_alpha, names, main[0],
+                     attention_model[0] if attention_model else None)
+  order = np.argsort(np.where(valid, change, 0.0))
+  gains = [c for c in order[::-1] if valid[c] and change[c] > 0][:top_k]
+  losses = [c for c in order if valid[c] and change[c] < 0][:top_k]
+
+  md = [f"# Audiovisual fusion report ({split} split)", "",
+        f"Predictions: `{predictions_dir}` ({labels.shape[0]} clips, {num_classes} classes; "
+        f"{int((present[:, 0] == 0).sum())} without audio, {int((present[:, 1] == 0).sum())} "
+        "without video). Classes without a positive (or negative) clip in this split are "
+        f"excluded from the means: {results[0][1].excluded_classes} of {num_classes}.", "",
+        "## Single-modal and fusion models (Table 2)", "",
+        "| Model | mAP | mAUC | d' |", "|---|---|---|---|"]
+  for name, ev, _, _ in results:
+    md.append(f"| {name} | {_fmt(ev.mean_average_precision)} | {_fmt(ev.mean_auc)} | "
+              f"{_fmt(ev.d_prime, 1.0)} |")
+  variants = [r for r in fused if r[3].fusion == "attention"]
+  if len(variants) > 1:
+    md += ["", "## Attention fusion ablations (Table 4)", "", "| Model | mAP | mAUC | d' |",
+           "|---|---|---|---|"]
+    for name, ev, _, _ in variants:
+      md.append(f"| {name} | {_fmt(ev.mean_average_precision)} | {_fmt(ev.mean_auc)} | "
+                f"{_fmt(ev.d_prime, 1.0)} |")
+  n = int(valid.sum())
+  md += ["", f"## {main[0]} against the better single modality, per class", "",
+         f"Of {n} evaluated classes: **{int((change[valid] > 0).sum())} improved**, "
+         f"{int((change[valid] < 0).sum())} deteriorated, {int((change[valid] == 0).sum())} "
+         "unchanged.", "",
+         "| change in AP | classes improved | classes deteriorated |", "|---|---|---|",
+         f"| any | {int((change[valid] > 0).sum())} | {int((change[valid] < 0).sum())} |",
+         f"| more than 5 points | {int((change[valid] > 0.05).sum())} | "
+         f"{int((change[valid] < -0.05).sum())} |",
+         f"| more than 10 points | {int((change[valid] > 0.10).sum())} | "
+         f"{int((change[valid] < -0.10).sum())} |", ""]
+  for title, picked in (("Largest gains", gains), ("Largest losses", losses)):
+    md += [f"### {title}", "", "| class | audio AP | visual AP | fusion AP | change |",
+           "|---|---|---|---|---|"]
+    md += [f"| {names[c]} | {_fmt(ap_a[c])} | {_fmt(ap_v[c])} | {_fmt(ap_av[c])} | "
+           f"{100 * change[c]:+.2f} |" for c in picked] or ["| (none) | | | | |"]
+    md.append("")
+  md += ["## Figures", ""]
+  for fig, caption in figures:
+    md += [f"![{caption}]({fig})", "", f"*{caption}*", ""]
+  md += ["Every number behind the figures is in `per_class.csv`.", ""]
+  report_path = tf.io.gfile.join(output_dir, "report.md")
+  with tf.io.gfile.GFile(report_path, "w") as f:
+    f.write("\n".join(md))
+  return {"report": report_path, "rows": rows, "main": main[0],
+          "summaries": {name: ev.summary() for name, ev, _, _ in results},
+          "mean_alpha_audio": mean_alpha, "change": change}
+
+
+def _figures(output_dir, ap_a, ap_v, change, valid, mean_alpha, names, main_name,
+             attention_name):
+  plt = _plt()
+  out = []
+  # Figure 2.
+  fig, ax = plt.subplots(figsize=(8, 7))
+  idx = np.flatnonzero(valid)
+  size = 20 + 2000 * np.abs(change[idx])
+  colors = np.where(change[idx] >= 0, "tab:blue", "tab:red")
+  ax.scatter(100 * ap_a[idx], 100 * ap_v[idx], s=size, c=colors, alpha=0.55, edgecolors="k",
+             linewidths=0.4)
+  notable = list(idx[np.argsort(change[idx])[:4]]) + list(idx[np.argsort(change[idx])[-4:]])
+  for c in dict.fromkeys(notable):
+    ax.annotate(names[c], (100 * ap_a[c], 100 * ap_v[c]), fontsize=8,
+                xytext=(4, 4), textcoords="offset points")
+  ax.plot([0, 100], [0, 100], color="grey", lw=0.8, ls="--")
+  ax.set_xlim(0, 102)
+  ax.set_ylim(0, 102)
+  ax.set_xlabel("Audio model AP (%)")
+  ax.set_ylabel("Visual model AP (%)")
+  ax.set_title(f"Per-class AP; bubble size = |AP change| of {main_name}\n"
+               "over the better single modality (blue: improved, red: deteriorated)")
+  handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=l, alpha=0.6)
+             for c, l in (("tab:blue", "improved"), ("tab:red", "deteriorated"))]
+  ax.legend(handles=handles, loc="lower right")
+  fig.tight_layout()
+  name = "fig2_ap_bubbles.png"
+  _save(plt, fig, output_dir, name)
+  out.append((name, f"Figure 2: audio vs visual AP per class; bubble = change of {main_name}"))
+  # Figure 3.
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ax.hist(100 * change[valid], bins=30, color="tab:blue", edgecolor="k")
+  ax.axvline(0, color="k", lw=1)
+  ax.set_xlabel(f"AP change of {main_name} over the better single modality (points)")
+  ax.set_ylabel("classes")
+  ax.yaxis.set_major_locator(_integer_ticks())
+  ax.set_title("Figure 3: distribution of per-class AP changes")
+  fig.tight_layout()
+  name = "fig3_ap_change_histogram.png"
+  _save(plt, fig, output_dir, name)
+  out.append((name, "Figure 3: histogram of per-class AP changes"))
+  # Figure 4.
+  if attention_name is not None and np.isfinite(mean_alpha).any():
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.hist(mean_alpha[np.isfinite(mean_alpha)], bins=20, range=(0, 1), color="tab:green",
+            edgecolor="k")
+    ax.set_xlabel("mean attention weight on audio, alpha_a (0: visual, 1: audio)")
+    ax.set_ylabel("classes")
+    ax.yaxis.set_major_locator(_integer_ticks())
+    ax.set_title(f"Figure 4: per-class mean alpha_a of {attention_name}\n"
+                 "over the clips that contain the class")
+    fig.tight_layout()
+    name = "fig4_attention_histogram.png"
+    _save(plt, fig, output_dir, name)
+    out.append((name, "Figure 4: histogram of per-class mean attention weight on audio"))
+  return out

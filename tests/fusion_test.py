@@ -1,0 +1,227 @@
+"""Fusion models, the attention layer, training statistics, missing modalities, the
+synthetic truth test and the report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from av_sound_tf import fusion
+from av_sound_tf import fusion_training
+from av_sound_tf import labels
+from av_sound_tf import predict
+from av_sound_tf import report
+from av_sound_tf import schema
+from tests import test_case
+from tests.conftest import REPO
+
+C = 12
+AUDIO_ONLY, VISUAL_ONLY, BOTH = range(0, 4), range(4, 8), range(8, 12)
+
+
+def write_synthetic_predictions(out, sizes=(("train", 3000), ("validation", 600),
+                                            ("eval", 600)), missing=0.0, seed=0):
+  """Scores where the truth is known: classes 0-3 are audible only, 4-7 visible only, 8-11
+  both (weaker in each); per clip, each modality is degraded (near chance) 25 % of the time,
+  so the best weighting is class- and sample-specific."""
+  rng = np.random.default_rng(seed)
+  strength_a = np.array([3.0] * 4 + [0.0] * 4 + [1.6] * 4)
+  strength_v = np.array([0.0] * 4 + [3.0] * 4 + [1.6] * 4)
+  splits = {}
+  for split, n in sizes:
+    path = os.path.join(out, f"{split}.tfrecord")
+    with tf.io.TFRecordWriter(path) as w:
+      for i in range(n):
+        y = np.zeros(C)
+        y[rng.choice(C, size=rng.integers(1, 4), replace=False)] = 1
+        q_a = 0.15 if rng.random() < 0.25 else 1.0
+        q_v = 0.15 if rng.random() < 0.25 else 1.0
+        h_a = 1 / (1 + np.exp(-(rng.normal(size=C) + (2 * y - 1) * strength_a * q_a - 1)))
+        h_v = 1 / (1 + np.exp(-(rng.normal(size=C) + (2 * y - 1) * strength_v * q_v - 1)))
+        has_a = int(rng.random() >= missing)
+        has_v = int(rng.random() >= missing) if has_a else 1
+        w.write(schema.make_prediction_example(
+            f"{split}/{i}", np.flatnonzero(y), h_a * has_a, h_v * has_v, has_a,
+            has_v).SerializeToString())
+    splits[split] = {"file": f"{split}.tfrecord", "num_examples": n}
+  labels.LabelMap([f"/m/c{c}" for c in range(C)],
+                  [f"audible {c}" if c < 4 else f"visible {c}" if c < 8 else f"both {c}"
+                   for c in range(C)]).to_csv(os.path.join(out, schema.LABELS_FILE))
+  with open(os.path.join(out, schema.PREDICTIONS_INFO), "w") as f:
+    json.dump({"num_classes": C, "labels_file": schema.LABELS_FILE, "splits": splits}, f)
+  return out
+
+
+@pytest.fixture(scope="module")
+def predictions(tmp_path_factory):
+  return write_synthetic_predictions(str(tmp_path_factory.mktemp("predictions")), missing=0.05)
+
+
+def _inputs(n=6, seed=0, present_a=None, present_v=None):
+  rng = np.random.default_rng(seed)
+  return {
+      "h_audio": rng.random([n, C]).astype(np.float32),
+      "h_visual": rng.random([n, C]).astype(np.float32),
+      "audio_present": np.ones([n, 1], np.float32) if present_a is None else present_a,
+      "visual_present": np.ones([n, 1], np.float32) if present_v is None else present_v,
+  }
+
+
+STATS = dict(audio_mean=np.full(C, 0.3), audio_variance=np.full(C, 0.04),
+             visual_mean=np.full(C, 0.4), visual_variance=np.full(C, 0.05))
+ALL = [("average", "multimodal")] + [(f, "multimodal") for f in ("regression", "mlp")] + [
+    ("attention", v) for v in fusion.VARIANTS]
+
+
+@pytest.mark.parametrize("kind,variant", ALL)
+def test_config_round_trip_and_saving(kind, variant, tmp_path):
+  model = fusion.FusionModel(C, kind, **STATS, variant=variant, name=f"f_{kind}_{variant}")
+  test_case.run_serialization_test(model)
+  restored = test_case.run_model_saving_test(model, _inputs(), tmp_path)
+  np.testing.assert_allclose(restored.get_layer("standardize_audio").mean
+                             if kind != "average" else 0,
+                             np.full((1, C), 0.3) if kind != "average" else 0, rtol=1e-6)
+
+
+def test_attention_layer_serialization():
+  for transform in fusion.TRANSFORMS:
+    test_case.run_serialization_test(
+        fusion.AttentionFusion(C, "cross_unimodal", 64, 0.5, transform, 32))
+  with pytest.raises(ValueError, match="Unknown transform"):
+    fusion.AttentionFusion(C, transform="conv")
+  with pytest.raises(ValueError, match="Unknown attention variant"):
+    fusion.AttentionFusion(C, "bimodal")
+  with pytest.raises(ValueError, match="training statistics"):
+    fusion.FusionModel(C, "mlp")
+  with pytest.raises(ValueError, match="Unknown fusion"):
+    fusion.FusionModel(C, "concat", **STATS)
+
+
+@pytest.mark.parametrize("variant", fusion.VARIANTS)
+def test_attention_weights_are_a_convex_pair(variant):
+  model = fusion.FusionModel(C, "attention", **STATS, variant=variant)
+  out = fusion.with_attention_weights(model)(_inputs(seed=1))
+  alpha_a = np.asarray(out["attention_weights"])
+  alpha_v = 1.0 - alpha_a
+  assert np.all((alpha_a >= 0) & (alpha_a <= 1))
+  np.testing.assert_allclose(alpha_a + alpha_v, 1.0)
+  assert np.all((np.asarray(out["fused_scores"]) > 0) & (np.asarray(out["fused_scores"]) < 1))
+
+
+@pytest.mark.parametrize("kind,variant", ALL)
+def test_missing_modality_gives_finite_defined_outputs(kind, variant):
+  present_a = np.array([[1], [0], [1], [0]], np.float32)
+  present_v = np.array([[1], [1], [0], [0]], np.float32)
+  x = _inputs(n=4, seed=2, present_a=present_a, present_v=present_v)
+  x["h_audio"][1] = np.inf  # garbage where the audio is missing is never read
+  x["h_audio"][3] = np.nan
+  x["h_visual"][2:] = 0.0
+  model = fusion.FusionModel(C, kind, **STATS, variant=variant)
+  out = np.asarray(model(x))
+  assert np.all(np.isfinite(out)) and np.all((out >= 0) & (out <= 1))
+  if kind in ("average", "regression", "mlp"):  # fall back to the present modality
+    np.testing.assert_allclose(out[1], x["h_visual"][1], rtol=1e-6)
+    np.testing.assert_allclose(out[2], x["h_audio"][2], rtol=1e-6)
+    np.testing.assert_allclose(out[3], 0.5)
+  else:
+    alpha = np.asarray(fusion.with_attention_weights(model)(x)["attention_weights"])
+    assert np.all(alpha[1] == 0) and np.all(alpha[2] == 1)
+
+
+def test_statistics_come_from_the_training_split_only(predictions):
+  train = predict.prediction_file(predictions, "train")
+  stats = predict.training_statistics(train, C)
+  h_a, present = [], []
+  for record in tf.data.TFRecordDataset(train):
+    ex = schema.parse_prediction_example(record, C)
+    h_a.append(ex["h_audio"].numpy())
+    present.append(ex["audio_present"].numpy()[0])
+  h_a, present = np.array(h_a), np.array(present) > 0
+  np.testing.assert_allclose(stats["audio_mean"], h_a[present].mean(axis=0), atol=1e-6)
+  np.testing.assert_allclose(stats["audio_variance"], h_a[present].var(axis=0), atol=1e-6)
+  evaluation = predict.training_statistics(predict.prediction_file(predictions, "eval"), C)
+  assert not np.allclose(evaluation["audio_mean"], stats["audio_mean"])
+
+
+def test_attention_beats_average_and_alpha_follows_the_truth(predictions, tmp_path):
+  """The synthetic truth test: attention fusion beats average fusion, and per-class mean
+  alpha_a is high for audible-only classes and low for visible-only ones."""
+  results = {}
+  for kind in ("average", "attention"):
+    config = fusion_training.FusionConfig(predictions, str(tmp_path / kind), fusion=kind,
+                                          epochs=12, batch_size=32, learning_rate=3e-3,
+                                          verbose=0)
+    results[kind] = fusion_training.train_fusion(config)
+  eval_path = predict.prediction_file(predictions, "eval")
+  from av_sound_tf import metrics
+  maps = {}
+  for kind in results:
+    model = keras.models.load_model(results[kind]["model"])
+    y, scores, alpha, present = fusion_training.predict_fusion(model, eval_path, C)
+    maps[kind] = metrics.evaluate(y, scores).mean_average_precision
+    if kind == "attention":
+      both = present.min(axis=1) > 0
+      mean_alpha = np.array([alpha[(y[:, c] > 0) & both, c].mean() for c in range(C)])
+  assert maps["attention"] > maps["average"] + 0.02, maps
+  assert mean_alpha[list(AUDIO_ONLY)].min() > mean_alpha[list(VISUAL_ONLY)].max(), mean_alpha
+  assert mean_alpha[list(AUDIO_ONLY)].mean() > 0.6 > 0.4 > mean_alpha[list(VISUAL_ONLY)].mean()
+
+  out = str(tmp_path / "report")
+  result = report.write_report(predictions, [results["average"]["model"],
+                                             results["attention"]["model"]], out)
+  text = open(result["report"]).read()
+  for needle in ("Table 2", "| Audio |", "| Visual |", "Average fusion",
+                 "Attention fusion (multimodal)", "Largest gains", "more than 10 points",
+                 "fig2_ap_bubbles.png", "fig4_attention_histogram.png"):
+    assert needle in text, needle
+  for png in ("fig2_ap_bubbles.png", "fig3_ap_change_histogram.png",
+              "fig4_attention_histogram.png"):
+    data = open(os.path.join(out, png), "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
+  with open(os.path.join(out, "per_class.csv")) as f:
+    header = f.readline()
+  assert "AP Audio" in header and "mean alpha_audio" in header
+
+
+def test_binaries(tmp_path):
+  """bin/predict -> bin/train_fusion -> bin/report on tiny trained models."""
+  from av_sound_tf import training
+  from tests import synthetic
+  data = str(tmp_path / "data")
+  synthetic.write_prepared(data, splits=(("train", 24), ("validation", 12), ("eval", 12)),
+                           num_frames=(120, 140))
+  common = dict(data_dir=data, train_splits=("train",), validation_splits=("validation",),
+                batch_size=8, epochs=1, strategy="default", verbose=0, width=0.0625,
+                num_frames=128)
+  audio = training.train(training.TrainConfig(kind="audio", model_dir=str(tmp_path / "a"),
+                                              **common))
+  visual = training.train(training.TrainConfig(kind="visual", model_dir=str(tmp_path / "v"),
+                                               **common))
+  run = lambda name, *args: subprocess.run(
+      [sys.executable, os.path.join(REPO, "bin", name), *args], capture_output=True, text=True,
+      timeout=600)
+  preds = str(tmp_path / "preds")
+  res = run("predict", f"--audio_model={audio['model']}", f"--visual_model={visual['model']}",
+            f"--data_dir={data}", f"--output_dir={preds}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  info = predict.read_predictions_info(preds)
+  assert {s: v["num_examples"] for s, v in info["splits"].items()} == {
+      "train": 24, "validation": 12, "eval": 12}
+  models = []
+  for kind in ("average", "mlp"):
+    res = run("train_fusion", f"--predictions_dir={preds}", f"--fusion={kind}",
+              f"--model_dir={tmp_path / kind}", "--epochs=2", "--batch_size=8")
+    assert res.returncode == 0, res.stderr[-3000:]
+    models.append(str(tmp_path / kind / "model.keras"))
+  res = run("report", f"--predictions_dir={preds}", f"--models={','.join(models)}",
+            f"--output_dir={tmp_path / 'report'}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert os.path.exists(tmp_path / "report" / "report.md")
+  res = run("report", f"--predictions_dir={tmp_path}", f"--models={models[0]}",
+            f"--output_dir={tmp_path / 'r2'}")
+  assert res.returncode == 2 and "bin/predict" in res.stderr and "Traceback" not in res.stderr
