@@ -1,12 +1,9 @@
 """Offline evaluation of a saved model on prepared shards: per-class CSV + summary JSON."""
 
-import csv
-import io
-import json
-
 import keras
 import tensorflow as tf
 
+from av_sound_tf import files
 from av_sound_tf import labels as labels_lib
 from av_sound_tf import metrics as metrics_lib
 from av_sound_tf import pipeline
@@ -40,26 +37,20 @@ def evaluate_model(model_path, data_dir, splits, output_dir, batch_size=32,
     raise ValueError(f"The model predicts {model.num_classes} classes but {data_dir} has "
                      f"{info['num_classes']}.")
   kind = model_kind(model)
-  files = []
+  shards = []
   for split in splits:
-    files.extend(schema.list_shards(data_dir, split))
+    shards.extend(schema.list_shards(data_dir, split))
   config = pipeline.InputConfig(
       kind=kind, num_classes=info["num_classes"], batch_size=batch_size,
       num_frames=getattr(model, "num_frames", None) or 1024,
       embedding_dim=int(info.get("embedding_dim") or 0), eval_crop=eval_crop)
-  labels, scores = metrics_lib.predict_dataset(model, pipeline.eval_dataset(files, config))
+  labels, scores = metrics_lib.predict_dataset(model, pipeline.eval_dataset(shards, config))
   ev = metrics_lib.evaluate(labels, scores)
   summary = dict(ev.summary(), model=model_path, data_dir=data_dir, splits=list(splits))
   if labels.sum(axis=1).max() <= 1:
     summary["accuracy"] = metrics_lib.accuracy(labels, scores)
   tf.io.gfile.makedirs(output_dir)
-  rows = ev.per_class_rows(label_map.names, label_map.mids)
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-  writer.writeheader()
-  writer.writerows(rows)
-  with tf.io.gfile.GFile(tf.io.gfile.join(output_dir, "per_class.csv"), "w") as f:
-    f.write(buf.getvalue())
-  with tf.io.gfile.GFile(tf.io.gfile.join(output_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  files.write_csv(tf.io.gfile.join(output_dir, "per_class.csv"),
+                  ev.per_class_rows(label_map.names, label_map.mids))
+  files.write_json(tf.io.gfile.join(output_dir, "summary.json"), summary)
   return summary

@@ -6,13 +6,13 @@ fusion has no parameters: it is built, saved and evaluated without training.
 """
 
 import dataclasses
-import json
 
 from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf import files
 from av_sound_tf import fusion
 from av_sound_tf import metrics as metrics_lib
 from av_sound_tf import predict
@@ -92,11 +92,9 @@ def train_fusion(config: FusionConfig, overwrite=False) -> dict:
   summary = dict(metrics_lib.evaluate(labels, scores).summary(), model=path,
                  fusion=config.fusion, variant=config.variant,
                  num_parameters=int(model.count_params()))
-  with tf.io.gfile.GFile(tf.io.gfile.join(config.model_dir, "config.json"), "w") as f:
-    json.dump(dict(dataclasses.asdict(config), num_classes=num_classes), f, indent=2)
-  with tf.io.gfile.GFile(tf.io.gfile.join(config.model_dir, "validation_metrics.json"),
-                         "w") as f:
-    json.dump(summary, f, indent=2)
+  files.write_json(tf.io.gfile.join(config.model_dir, "config.json"),
+                   dict(dataclasses.asdict(config), num_classes=num_classes))
+  files.write_json(tf.io.gfile.join(config.model_dir, "validation_metrics.json"), summary)
   logging.info("%s: validation mAP %.4f", model.display_name, summary["mAP"] or float("nan"))
   return summary
 

@@ -102,7 +102,6 @@ def _keep_fn(config):
 
 def crop_or_pad(log_mel, num_frames, offset, floor):
   """Window [offset, offset + num_frames) of log_mel, padded with `floor` at the end."""
-  frames = tf.shape(log_mel)[0]
   window = log_mel[offset:offset + num_frames]
   pad = num_frames - tf.shape(window)[0]
   window = tf.pad(window, [[0, pad], [0, 0]], constant_values=floor)

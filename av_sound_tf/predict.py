@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf import files
 from av_sound_tf import pipeline
 from av_sound_tf import schema
 
@@ -43,11 +44,11 @@ def write_predictions(audio_model_path, visual_model_path, data_dir, splits, out
   tf.io.gfile.makedirs(output_dir)
   written = {}
   for split in splits:
-    files = schema.list_shards(data_dir, split)
+    shards = schema.list_shards(data_dir, split)
     path = tf.io.gfile.join(output_dir, f"{split}.tfrecord")
     n = 0
     with tf.io.TFRecordWriter(path + ".incomplete") as writer:
-      for x, labels, ids in pipeline.eval_dataset(files, config, with_ids=True):
+      for x, labels, ids in pipeline.eval_dataset(shards, config, with_ids=True):
         h_a = audio_fn(x["log_mel"]).numpy()
         h_v = visual_fn(x["embedding_mean"]).numpy()
         has_a, has_v = x["has_audio"].numpy(), x["has_video"].numpy()
@@ -64,8 +65,7 @@ def write_predictions(audio_model_path, visual_model_path, data_dir, splits, out
   result = {"num_classes": num_classes, "labels_file": schema.LABELS_FILE, "splits": written,
             "audio_model": audio_model_path, "visual_model": visual_model_path,
             "data_dir": data_dir}
-  with tf.io.gfile.GFile(tf.io.gfile.join(output_dir, schema.PREDICTIONS_INFO), "w") as f:
-    json.dump(result, f, indent=2)
+  files.write_json(tf.io.gfile.join(output_dir, schema.PREDICTIONS_INFO), result)
   return result
 
 

@@ -17,13 +17,13 @@ given fusion model on one split, and writes to the output folder:
 The "main" fusion model is the multimodal attention model when present, else the best one.
 """
 
-import csv
 import io
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf import files
 from av_sound_tf import fusion_training
 from av_sound_tf import labels as labels_lib
 from av_sound_tf import metrics as metrics_lib
@@ -114,12 +114,7 @@ def write_report(predictions_dir, model_paths, output_dir, split="eval", top_k=1
     row["AP change (main fusion - best single)"] = "" if not valid[c] else f"{change[c]:.6f}"
     row["mean alpha_audio"] = "" if np.isnan(mean_alpha[c]) else f"{mean_alpha[c]:.6f}"
     rows.append(row)
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-  writer.writeheader()
-  writer.writerows(rows)
-  with tf.io.gfile.GFile(tf.io.gfile.join(output_dir, "per_class.csv"), "w") as f:
-    f.write(buf.getvalue())
+  files.write_csv(tf.io.gfile.join(output_dir, "per_class.csv"), rows)
 
   names = np.asarray(label_map.names)
   figures = _figures(output_dir, ap_a, ap_v, change, valid, mean_alpha, names, main[0],
@@ -167,8 +162,7 @@ def write_report(predictions_dir, model_paths, output_dir, split="eval", top_k=1
     md += [f"![{caption}]({fig})", "", f"*{caption}*", ""]
   md += ["Every number behind the figures is in `per_class.csv`.", ""]
   report_path = tf.io.gfile.join(output_dir, "report.md")
-  with tf.io.gfile.GFile(report_path, "w") as f:
-    f.write("\n".join(md))
+  files.write_text(report_path, "\n".join(md))
   return {"report": report_path, "rows": rows, "main": main[0],
           "summaries": {name: ev.summary() for name, ev, _, _ in results},
           "mean_alpha_audio": mean_alpha, "change": change}

@@ -117,6 +117,14 @@ def make_example(clip_id: str,
   return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
+def multi_hot(indices, num_classes: int):
+  """int64 class indices [n] -> float32 multi-hot [num_classes] (zeros when n = 0)."""
+  labels = tf.reduce_max(tf.one_hot(indices, num_classes, dtype=tf.float32), axis=0)
+  return tf.ensure_shape(
+      tf.cond(tf.size(indices) > 0, lambda: labels, lambda: tf.zeros([num_classes])),
+      [num_classes])
+
+
 def parse_example(serialized, num_classes: int, num_mel_bins: int = 64,
                   embedding_dim: int = 0):
   """Parses one serialized Example into a dict of dense tensors.
@@ -136,10 +144,7 @@ def parse_example(serialized, num_classes: int, num_mel_bins: int = 64,
   """
   p = tf.io.parse_single_example(serialized, FEATURE_SPEC)
   indices = tf.sparse.to_dense(p["labels"])
-  labels = tf.reduce_max(tf.one_hot(indices, num_classes, dtype=tf.float32), axis=0)
-  labels = tf.ensure_shape(
-      tf.cond(tf.size(indices) > 0, lambda: labels, lambda: tf.zeros([num_classes])),
-      [num_classes])
+  labels = multi_hot(indices, num_classes)
   log_mel = tf.io.decode_raw(p["log_mel"], tf.float16, little_endian=True)
   frames = p["log_mel_shape"][0]
   log_mel = tf.reshape(tf.cast(log_mel, tf.float32), [frames, num_mel_bins])
@@ -172,9 +177,8 @@ def shard_name(prefix: str, index: int, num_shards: int) -> str:
 
 
 def write_dataset_info(path, info: dict):
-  info = dict(info, schema_version=SCHEMA_VERSION)
-  with tf.io.gfile.GFile(path, "w") as f:
-    f.write(json.dumps(info, indent=2, sort_keys=True))
+  from av_sound_tf import files  # pylint: disable=g-import-not-at-top
+  files.write_json(path, dict(info, schema_version=SCHEMA_VERSION), sort_keys=True)
 
 
 def read_dataset_info(data_dir) -> dict:
@@ -238,10 +242,7 @@ def parse_audioset_embedding_example(serialized, num_classes=527, num_seconds=10
   context, sequence = tf.io.parse_single_sequence_example(
       serialized, AUDIOSET_CONTEXT_SPEC, AUDIOSET_SEQUENCE_SPEC)
   indices = tf.sparse.to_dense(context["labels"])
-  labels = tf.reduce_max(tf.one_hot(indices, num_classes, dtype=tf.float32), axis=0)
-  labels = tf.ensure_shape(
-      tf.cond(tf.size(indices) > 0, lambda: labels, lambda: tf.zeros([num_classes])),
-      [num_classes])
+  labels = multi_hot(indices, num_classes)
   raw = tf.io.decode_raw(sequence["audio_embedding"], tf.uint8)  # [seconds, 128]
   raw = tf.reshape(raw, [-1, AUDIOSET_EMBEDDING_DIM])
   emb = tf.cast(raw, tf.float32) * ((_QUANT_MAX - _QUANT_MIN) / 255.0) + _QUANT_MIN
@@ -305,10 +306,7 @@ def parse_prediction_example(serialized, num_classes: int):
   visual_present (float32 [1])."""
   p = tf.io.parse_single_example(serialized, PREDICTION_SPEC)
   indices = tf.sparse.to_dense(p["labels"])
-  labels = tf.reduce_max(tf.one_hot(indices, num_classes, dtype=tf.float32), axis=0)
-  labels = tf.ensure_shape(
-      tf.cond(tf.size(indices) > 0, lambda: labels, lambda: tf.zeros([num_classes])),
-      [num_classes])
+  labels = multi_hot(indices, num_classes)
   dense = lambda k: tf.ensure_shape(tf.sparse.to_dense(p[k]), [num_classes])
   return {
       "clip_id": p["clip_id"],

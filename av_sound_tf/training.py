@@ -32,7 +32,6 @@ of every stage is reported.
 import csv
 import dataclasses
 import json
-import os
 from typing import Optional, Tuple
 
 from absl import logging
@@ -41,6 +40,7 @@ from keras import ops
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf import files
 from av_sound_tf import labels as labels_lib
 from av_sound_tf import metrics as metrics_lib
 from av_sound_tf import models
@@ -178,8 +178,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
   def _save_model(self):
     super()._save_model()
     states = [np.asarray(v.numpy()).tolist() for v in self._seed_variables()]
-    with tf.io.gfile.GFile(self._seed_path(), "w") as f:
-      json.dump(states, f)
+    files.write_json(self._seed_path(), states)
 
 
 @dataclasses.dataclass
@@ -370,11 +369,8 @@ def _train(config, extra_callbacks):
                  num_parameters=int(model.count_params()))
   if labels.sum(axis=1).max() <= 1:
     summary["accuracy"] = metrics_lib.accuracy(labels, scores)
-  with tf.io.gfile.GFile(tf.io.gfile.join(config.model_dir, "config.json"), "w") as f:
-    json.dump(dict(config.to_dict(), num_classes=data.num_classes,
-                   embedding_dim=data.embedding_dim,
-                   num_replicas=strategy.num_replicas_in_sync), f, indent=2)
-  with tf.io.gfile.GFile(tf.io.gfile.join(config.model_dir, "validation_metrics.json"),
-                         "w") as f:
-    json.dump(summary, f, indent=2)
+  files.write_json(tf.io.gfile.join(config.model_dir, "config.json"), dict(
+      config.to_dict(), num_classes=data.num_classes, embedding_dim=data.embedding_dim,
+      num_replicas=strategy.num_replicas_in_sync))
+  files.write_json(tf.io.gfile.join(config.model_dir, "validation_metrics.json"), summary)
   return summary

@@ -18,19 +18,18 @@ Design:
 import collections
 import csv
 import dataclasses
-import io
 import json
 import multiprocessing
-import os
 import time
 import traceback
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from av_sound_tf import features
+from av_sound_tf import files
 from av_sound_tf import media
 from av_sound_tf import schema
 from data_prep import inputs as inputs_lib
@@ -248,21 +247,6 @@ class Progress:
             f"ETA {eta}, {self.failed} failed")
 
 
-def _atomic_write_text(path, text):
-  tmp = path + ".incomplete"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def _csv_text(rows, header=MANIFEST_COLUMNS):
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n", extrasaction="ignore")
-  writer.writeheader()
-  writer.writerows(rows)
-  return buf.getvalue()
-
-
 def _read_csv(path):
   with tf.io.gfile.GFile(path) as f:
     return list(csv.DictReader(f))
@@ -337,7 +321,7 @@ def _check_run_config(config, inputs_fingerprint):
           f"{config.output_dir} holds a run with other inputs or flags ({path}); a resumed "
           "run must use the same ones. Use a new --output_dir, or --overwrite.")
   else:
-    _atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
+    files.write_text(path, json.dumps(current, indent=2, sort_keys=True))
 
 
 def _fingerprint(jobs):
@@ -449,7 +433,7 @@ def _finish_shard(out, name, writer, rows):
   writer.close()
   tf.io.gfile.rename(tf.io.gfile.join(out, name) + ".incomplete", tf.io.gfile.join(out, name),
                      overwrite=True)
-  _atomic_write_text(tf.io.gfile.join(out, MANIFEST_PARTS, name + ".csv"), _csv_text(rows))
+  files.write_text(tf.io.gfile.join(out, MANIFEST_PARTS, name + ".csv"), files.csv_text(rows, MANIFEST_COLUMNS))
 
 
 def _finalize(inputs, config, plan, shard_names, skipped, t0, progress):
@@ -477,9 +461,9 @@ def _finalize(inputs, config, plan, shard_names, skipped, t0, progress):
     splits[split] = {"num_shards": num_shards, "num_examples": sum(file_examples.values()),
                      "files": list(file_examples), "file_examples": file_examples,
                      "class_counts": class_counts.tolist()}
-  _atomic_write_text(tf.io.gfile.join(out, MANIFEST), _csv_text(rows))
+  files.write_text(tf.io.gfile.join(out, MANIFEST), files.csv_text(rows, MANIFEST_COLUMNS))
   if inputs.missing_media:
-    _atomic_write_text(tf.io.gfile.join(out, MISSING_MEDIA), _csv_text(
+    files.write_text(tf.io.gfile.join(out, MISSING_MEDIA), files.csv_text(
         [{"ytid": s.ytid, "start_seconds": s.start_seconds, "end_seconds": s.end_seconds,
           "labels": ";".join(s.labels), "line": s.line} for s in inputs.missing_media],
         header=("ytid", "start_seconds", "end_seconds", "labels", "line")))

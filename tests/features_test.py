@@ -1,6 +1,5 @@
 """The log-mel front end against librosa, on semantic inputs, as a layer, and in TFLite."""
 
-import os
 
 import keras
 import librosa

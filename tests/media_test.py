@@ -1,6 +1,5 @@
 """Decoding real audio files and video containers with PyAV."""
 
-import os
 import wave
 
 import librosa

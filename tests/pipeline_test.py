@@ -1,7 +1,6 @@
 """tf.data pipelines: shapes, crops, determinism and exact resumption, weights, augmentation,
 sharding, and AudioSet's released features."""
 
-import os
 
 import numpy as np
 import pytest

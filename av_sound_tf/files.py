@@ -1,0 +1,37 @@
+"""Writing text, CSV and JSON through tf.io.gfile (local paths, gs://, ...), atomically.
+
+Every file is written to ``<path>.incomplete`` and renamed when complete, so a reader (or a
+resumed run) never sees half a file.
+"""
+
+import csv
+import io
+import json
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+
+def write_text(path: str, text: str):
+  tmp = path + ".incomplete"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def csv_text(rows: Sequence[dict], header: Optional[Sequence[str]] = None) -> str:
+  """CSV with a header row; `header` defaults to the first row's keys; extra keys dropped."""
+  buf = io.StringIO()
+  fields = list(header if header is not None else (rows[0] if rows else []))
+  writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(rows)
+  return buf.getvalue()
+
+
+def write_csv(path: str, rows: Sequence[dict], header: Optional[Sequence[str]] = None):
+  write_text(path, csv_text(rows, header))
+
+
+def write_json(path: str, value, sort_keys=False):
+  write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys))
