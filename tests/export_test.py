@@ -1,0 +1,148 @@
+"""SavedModel export: signatures, the class-map asset, in-graph checks, saved_model_cli."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from av_sound_tf import export
+from av_sound_tf import features
+from av_sound_tf import fusion
+from av_sound_tf import labels
+from av_sound_tf import media
+from av_sound_tf import models
+from tests.conftest import REPO, shared_path
+
+C = 3
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("export")
+  keras.utils.set_random_seed(0)
+  audio = models.MILConvNet(num_classes=C, num_frames=256, width=0.0625)
+  visual = models.VisualDNN(num_classes=C, embedding_dim=8, width=0.01)
+  stats = dict(audio_mean=np.full(C, 0.5), audio_variance=np.full(C, 0.01),
+               visual_mean=np.full(C, 0.5), visual_variance=np.full(C, 0.01))
+  attention = fusion.FusionModel(C, "attention", **stats)
+  paths = {}
+  for name, model in (("audio", audio), ("visual", visual), ("fusion", attention)):
+    paths[name] = str(tmp / f"{name}.keras")
+    model.save(paths[name])
+  paths["labels"] = str(tmp / "labels.csv")
+  labels.LabelMap(["/m/09x0r", "/m/05zppz", "/m/0bt9lr"],
+                  ["Speech", "Male speech, man speaking", 'Dog "woof"']).to_csv(paths["labels"])
+  base = str(tmp / "serving")
+  result = export.export_saved_model(paths["audio"], paths["labels"], base,
+                                     visual_model_path=paths["visual"],
+                                     fusion_model_path=paths["fusion"], max_seconds=30)
+  return result, audio, paths, base
+
+
+def test_layout_signatures_and_verification(exported):
+  result, _, _, base = exported
+  assert result["path"] == os.path.join(base, "av_sound", "1")
+  assert os.path.exists(os.path.join(result["path"], "saved_model.pb"))
+  assert result["signatures"] == ["class_map", "serving_default", "tag_audiovisual",
+                                  "tag_log_mel", "tag_waveform"]
+  assert result["max_abs_diff"] < export.VERIFY_ATOL
+  loaded = tf.saved_model.load(result["path"])
+  spec = loaded.signatures["serving_default"].structured_input_signature[1]
+  assert spec["waveform"].dtype == tf.float32 and spec["waveform"].shape.rank == 2
+
+
+def test_class_map_asset(exported):
+  result = exported[0]
+  assert os.path.exists(os.path.join(result["path"], "assets", "labels.csv"))
+  out = tf.saved_model.load(result["path"]).signatures["class_map"]()
+  assert out["display_name"].numpy().tolist() == [
+      b"Speech", b"Male speech, man speaking", b'Dog "woof"']
+  assert out["mid"].numpy().tolist() == [b"/m/09x0r", b"/m/05zppz", b"/m/0bt9lr"]
+  np.testing.assert_array_equal(out["index"].numpy(), [0, 1, 2])
+
+
+def test_waveform_signature_matches_keras_on_a_real_clip(exported):
+  result, audio = exported[0], exported[1]
+  y = media.decode_audio(shared_path("esc10", "002 - Rain", "1-17367-A.ogg"))[None, :]
+  got = tf.saved_model.load(result["path"]).signatures["tag_waveform"](waveform=tf.constant(y))
+  reference = export.variable_length(audio)(features.log_mel_spectrogram(y))
+  np.testing.assert_allclose(got["clip_scores"], reference["clip_scores"], atol=1e-5)
+  assert got["segment_scores"].shape == (1, models.num_segments(499), C)
+
+
+def test_in_graph_checks(exported):
+  sig = tf.saved_model.load(exported[0]["path"]).signatures
+  with pytest.raises(tf.errors.InvalidArgumentError, match="empty waveform"):
+    sig["tag_waveform"](waveform=tf.zeros([1, 0]))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="longer than the maximum"):
+    sig["tag_waveform"](waveform=tf.zeros([1, 16000 * 31]))
+  with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+    sig["tag_waveform"](waveform=tf.zeros([1, 16000], tf.float64))
+  with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+    sig["tag_waveform"](waveform=tf.zeros([16000]))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="at least 96 frames"):
+    sig["tag_log_mel"](log_mel=tf.zeros([1, 50, 64]))
+  short = sig["tag_waveform"](waveform=tf.zeros([2, 800]))  # 50 ms: padded to 96 frames
+  assert short["clip_scores"].shape == (2, C) and np.isfinite(short["clip_scores"]).all()
+
+
+def test_audiovisual_signature(exported):
+  sig = tf.saved_model.load(exported[0]["path"]).signatures["tag_audiovisual"]
+  out = sig(waveform=tf.random.uniform([2, 32000], -0.1, 0.1),
+            embedding_mean=tf.random.normal([2, 8]))
+  assert out["fused_scores"].shape == (2, C)
+  alpha = out["attention_weights"].numpy()
+  assert np.all((alpha >= 0) & (alpha <= 1))
+
+
+def test_next_version_and_errors(exported, tmp_path):
+  _, _, paths, base = exported
+  again = export.export_saved_model(paths["audio"], paths["labels"], base)
+  assert again["path"].endswith(os.path.join("av_sound", "2"))
+  assert "tag_audiovisual" not in again["signatures"]
+  with pytest.raises(ValueError, match="exists"):
+    export.export_saved_model(paths["audio"], paths["labels"], base, version=1)
+  with pytest.raises(ValueError, match="both a visual model and a fusion model"):
+    export.export_saved_model(paths["audio"], paths["labels"], base,
+                              visual_model_path=paths["visual"])
+  with pytest.raises(ValueError, match="not an audio MIL ConvNet"):
+    export.export_saved_model(paths["visual"], paths["labels"], base)
+  with pytest.raises(FileNotFoundError):
+    export.export_saved_model(str(tmp_path / "none.keras"), paths["labels"], base)
+
+
+def test_saved_model_cli(exported, tmp_path):
+  path = exported[0]["path"]
+  npy = str(tmp_path / "waveform.npy")
+  np.save(npy, np.zeros([1, 16000], np.float32))
+  cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+  show = subprocess.run([cli, "show", "--all", "--dir", path], capture_output=True, text=True,
+                        timeout=300)
+  assert show.returncode == 0, show.stderr[-2000:]
+  for name in ("tag_waveform", "tag_log_mel", "tag_audiovisual", "class_map",
+               "serving_default", "clip_scores", "segment_scores"):
+    assert name in show.stdout, name
+  run = subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                        "tag_waveform", "--inputs", f"waveform={npy}"],
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "clip_scores" in run.stdout
+
+
+def test_binary(exported, tmp_path):
+  _, _, paths, _ = exported
+  res = subprocess.run([sys.executable, os.path.join(REPO, "bin", "export"),
+                        f"--audio_model={paths['audio']}", f"--labels={paths['labels']}",
+                        f"--export_base={tmp_path}"], capture_output=True, text=True,
+                       timeout=600)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "verified against Keras" in res.stdout
+  res = subprocess.run([sys.executable, os.path.join(REPO, "bin", "export"),
+                        f"--audio_model={tmp_path}/missing.keras",
+                        f"--labels={paths['labels']}", f"--export_base={tmp_path}"],
+                       capture_output=True, text=True, timeout=600)
+  assert res.returncode == 2 and "Not found" in res.stderr and "Traceback" not in res.stderr
