@@ -30,6 +30,7 @@ bench: install
 	$(PY) benchmarks/prepare_benchmark.py
 	$(PY) benchmarks/train_benchmark.py
 	$(PY) benchmarks/train_benchmark.py --precision=mixed_bfloat16
+	$(PY) benchmarks/tflite_benchmark.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,244 @@
+"""Tagging audio and video files with an exported model (bin/tag).
+
+`Tagger` loads a SavedModel from bin/export (or a .tflite tagger) and tags whole files:
+
+* The file's audio is decoded to 16 kHz mono. With a SavedModel, recordings up to
+  ``window_seconds`` (default 10 s) go through ``tag_waveform`` in one call; longer ones in
+  consecutive windows. A file's score for a class is the mean of all its MIL segment
+  scores, i.e. the model's own average-pooling g() over the whole recording.
+* With a .tflite tagger (fixed window, e.g. 1 s), windows slide with 50 % overlap and the
+  file score is the mean of the window scores.
+* Timeline (`timeline=True`): the segment scores over time (one every 0.32 s, SavedModel)
+  or window scores (TFLite), and the sound events: runs of consecutive steps whose score is
+  at least `threshold`, as [start, end] seconds per class.
+* Video files, when the export has ``tag_audiovisual`` and a frame embedder is given: 64
+  frames are sampled and embedded, the fused scores replace the audio scores, and each top
+  class reports which modality dominated (attention weight on audio > 0.5: "audio").
+
+A file that cannot be decoded gets ``status="failed"`` and its reason; the others are
+still tagged.
+"""
+
+import dataclasses
+from typing import List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from av_sound_tf import media
+from av_sound_tf import models
+
+SEGMENT_HOP_SECONDS = models.FRAMES_PER_SEGMENT / 100.0  # 0.32 s between MIL segments
+SEGMENT_SPAN_SECONDS = 0.96  # receptive field of one segment
+
+
+@dataclasses.dataclass
+class TagResult:
+  path: str
+  status: str
+  reason: str = ""
+  labels: List[dict] = dataclasses.field(default_factory=list)
+  duration_seconds: float = 0.0
+  timeline: Optional[dict] = None
+  events: Optional[List[dict]] = None
+
+  def to_dict(self):
+    d = {"path": self.path, "status": self.status, "reason": self.reason,
+         "labels": self.labels, "duration_seconds": round(self.duration_seconds, 3)}
+    if self.events is not None:
+      d["events"] = self.events
+    return d
+
+
+def events_from_scores(times, scores, names, mids, threshold, step):
+  """Runs of consecutive steps with score >= threshold -> [{name, mid, start, end, peak}]."""
+  events = []
+  above = scores >= threshold
+  for c in np.flatnonzero(above.any(axis=0)):
+    t = 0
+    while t < len(times):
+      if above[t, c]:
+        u = t
+        while u + 1 < len(times) and above[u + 1, c]:
+          u += 1
+        start, end = float(times[t]), float(times[u] + step)
+        peak = float(scores[t:u + 1, c].max())
+        last = events[-1] if events and events[-1]["mid"] == mids[c] else None
+        if last is not None and start <= last["end"]:  # overlapping receptive fields: merge
+          last["end"] = round(end, 2)
+          last["peak"] = round(max(last["peak"], peak), 4)
+        else:
+          events.append({"name": names[c], "mid": mids[c], "start": round(start, 2),
+                         "end": round(end, 2), "peak": round(peak, 4)})
+        t = u + 1
+      else:
+        t += 1
+  return sorted(events, key=lambda e: (e["start"], -e["peak"]))
+
+
+class Tagger:
+  """Tags files with a SavedModel (bin/export) or a .tflite tagger."""
+
+  def __init__(self, model_path: str, tflite: bool = False, top_k: int = 5,
+               window_seconds: float = 10.0, embedder=None, threads: int = 1):
+    self.top_k = top_k
+    self.embedder = embedder
+    if tflite:
+      from av_sound_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
+      from av_sound_tf import tflite as tflite_lib  # pylint: disable=g-import-not-at-top
+      labels_path = model_path[:-len(".tflite")] + ".labels.csv"
+      if not tf.io.gfile.exists(labels_path):
+        raise FileNotFoundError(f"{labels_path} (the class map beside the .tflite) not found")
+      label_map = labels_lib.LabelMap.from_csv(labels_path)
+      self.names, self.mids = label_map.names, label_map.mids
+      self.runner = tflite_lib.Runner(model_path, threads)
+      self.window = self.runner.samples
+      self.signatures = None
+    else:
+      if not tf.io.gfile.exists(tf.io.gfile.join(model_path, "saved_model.pb")):
+        raise FileNotFoundError(f"{model_path} is not a SavedModel from bin/export "
+                                "(no saved_model.pb)")
+      loaded = tf.saved_model.load(model_path)
+      self._loaded = loaded
+      self.signatures = loaded.signatures
+      class_map = self.signatures["class_map"]()
+      self.names = [n.decode() for n in class_map["display_name"].numpy()]
+      self.mids = [m.decode() for m in class_map["mid"].numpy()]
+      self.window = int(window_seconds * media.SAMPLE_RATE)
+      self.runner = None
+
+  @property
+  def audiovisual(self):
+    return self.signatures is not None and "tag_audiovisual" in self.signatures and \
+        self.embedder is not None
+
+  def _scores_savedmodel(self, waveform):
+    """(file scores [C], step times [T], step scores [T, C], step seconds)."""
+    seg_scores, times = [], []
+    for start in range(0, len(waveform), self.window):
+      chunk = waveform[start:start + self.window]
+      if start > 0 and len(chunk) < self.window // 10:
+        break  # a sliver at the end: its padded segments would only add silence
+      out = self.signatures["tag_waveform"](waveform=tf.constant(chunk[None, :]))
+      seg = out["segment_scores"].numpy()[0]
+      seg_scores.append(seg)
+      times.extend(start / media.SAMPLE_RATE + SEGMENT_HOP_SECONDS * np.arange(seg.shape[0]))
+    steps = np.concatenate(seg_scores)
+    return steps.mean(axis=0), np.asarray(times), steps, SEGMENT_SPAN_SECONDS
+
+  def _scores_tflite(self, waveform):
+    hop = max(1, self.window // 2)
+    if len(waveform) < self.window:
+      waveform = np.pad(waveform, (0, self.window - len(waveform)))
+    starts = list(range(0, len(waveform) - self.window + 1, hop))
+    steps = np.stack([self.runner(waveform[s:s + self.window])["clip_scores"][0]
+                      for s in starts])
+    return steps.mean(axis=0), np.asarray(starts) / media.SAMPLE_RATE, steps, \
+        self.window / media.SAMPLE_RATE
+
+  def tag_file(self, path, timeline=False, threshold=0.5) -> TagResult:
+    try:
+      waveform = media.decode_audio(path)
+    except media.MediaError as e:
+      return TagResult(path, "failed", e.reason)
+    try:
+      if self.runner is not None:
+        scores, times, steps, step = self._scores_tflite(waveform)
+      else:
+        scores, times, steps, step = self._scores_savedmodel(waveform)
+      alpha = None
+      if self.audiovisual and media.media_kind(path) == "video":
+        scores, alpha = self._fuse(path, waveform)
+    except media.MediaError as e:
+      return TagResult(path, "failed", e.reason)
+    except (tf.errors.OpError, ValueError) as e:
+      return TagResult(path, "failed", f"model error: {str(e).splitlines()[0][:200]}")
+    top = np.argsort(-scores)[:self.top_k]
+    labels = []
+    for c in top:
+      entry = {"name": self.names[c], "mid": self.mids[c], "score": round(float(scores[c]), 6)}
+      if alpha is not None:
+        entry["modality"] = "audio" if alpha[c] > 0.5 else "visual"
+        entry["alpha_audio"] = round(float(alpha[c]), 4)
+      labels.append(entry)
+    result = TagResult(path, "ok", "", labels, len(waveform) / media.SAMPLE_RATE)
+    if timeline:
+      result.timeline = {"times": times, "scores": steps, "step_seconds": step}
+      result.events = events_from_scores(times, steps, self.names, self.mids, threshold, step)
+    return result
+
+  def _fuse(self, path, waveform):
+    frames = media.sample_video_frames(path, 64, self.embedder.image_size)
+    mean, _ = self.embedder.embed_clip(frames)
+    chunk = waveform[:min(len(waveform), self.window)]
+    out = self.signatures["tag_audiovisual"](waveform=tf.constant(chunk[None, :]),
+                                             embedding_mean=tf.constant(mean[None, :]))
+    return out["fused_scores"].numpy()[0], out["attention_weights"].numpy()[0]
+
+
+def plot_timeline(result: TagResult, names, path, top_k=5):
+  """PNG of the segment scores over time for the file's top classes."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  times, scores = result.timeline["times"], result.timeline["scores"]
+  top = np.argsort(-scores.mean(axis=0))[:top_k]
+  fig, ax = plt.subplots(figsize=(10, 4))
+  for c in top:
+    ax.plot(times, scores[:, c], label=names[c])
+  ax.set_xlabel("time (s)")
+  ax.set_ylabel("score")
+  ax.set_ylim(0, 1)
+  ax.set_title(f"Sound events over time: {result.path.split('/')[-1]}")
+  ax.legend(loc="upper right", fontsize=8)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  plt.close(fig)
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(buf.getvalue())
+
+
+def expand_inputs(paths):
+  """Files, globs and folders -> (media files in order, inputs that matched nothing)."""
+  found, missing = [], []
+  for p in paths:
+    if tf.io.gfile.isdir(p):
+      matches = [f for root, _, names in tf.io.gfile.walk(p) for f in
+                 (tf.io.gfile.join(root, n) for n in sorted(names)) if media.media_kind(f)]
+    elif any(ch in p for ch in "*?["):
+      matches = sorted(tf.io.gfile.glob(p))
+    else:
+      matches = [p] if tf.io.gfile.exists(p) else []
+    if matches:
+      found.extend(m for m in matches if m not in found)
+    else:
+      missing.append(p)
+  return found, missing
+
+
+def format_result(result: TagResult, timeline: bool) -> str:
+  if result.status != "ok":
+    return f"{result.path}: FAILED: {result.reason}"
+  lines = [f"{result.path} ({result.duration_seconds:.1f} s)"]
+  for e in result.labels:
+    extra = f"  [{e['modality']}, alpha_audio {e['alpha_audio']:.2f}]" if "modality" in e \
+        else ""
+    lines.append(f"  {e['score']:.3f}  {e['name']}{extra}")
+  if timeline and result.events is not None:
+    lines.append(f"  events ({len(result.events)}):")
+    for e in result.events[:50]:
+      lines.append(f"    {e['start']:7.2f}-{e['end']:7.2f} s  {e['name']} (peak {e['peak']:.2f})")
+  return "\n".join(lines)
+
+
+def csv_rows(results):
+  rows = []
+  for r in results:
+    if r.status != "ok":
+      rows.append({"path": r.path, "status": r.status, "reason": r.reason})
+    for rank, e in enumerate(r.labels, 1):
+      rows.append({"path": r.path, "status": r.status, "reason": "", "rank": rank,
+                   "name": e["name"], "mid": e["mid"], "score": e["score"]})
+  return rows

@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Benchmark: TFLite tagger size, latency per window on 1 and 2 threads, real-time factor.
+
+  .venv/bin/python benchmarks/tflite_benchmark.py --data_dir=out/esc10 --split=1 \
+      [--audio_model=out/esc10_audio/model.keras] [--window_seconds=1.0]
+
+Without --audio_model it converts the full-size Table-1 model (527 classes, random
+weights: latency and size do not depend on the weights). --data_dir provides the int8
+calibration audio (prepared shards whose source files exist). Not a test.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import keras
+import numpy as np
+
+from av_sound_tf import labels
+from av_sound_tf import models
+from av_sound_tf import tflite
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("audio_model", None, "A .keras audio model; default: full-size, random.")
+flags.DEFINE_string("data_dir", None, "Prepared data for int8 calibration.")
+flags.DEFINE_string("split", "train", "Calibration split.")
+flags.DEFINE_float("window_seconds", 1.0, "TFLite window.")
+flags.DEFINE_integer("runs", 30, "Timed runs per setting.")
+
+
+def main(argv):
+  del argv
+  with tempfile.TemporaryDirectory() as tmp:
+    model_path = FLAGS.audio_model
+    if not model_path:
+      keras.utils.set_random_seed(0)
+      model_path = os.path.join(tmp, "full.keras")
+      models.MILConvNet(num_classes=527, num_frames=1024).save(model_path)
+    model = keras.models.load_model(model_path)
+    labels_path = os.path.join(tmp, "labels.csv")
+    labels.LabelMap([f"/m/{i}" for i in range(model.num_classes)],
+                    [str(i) for i in range(model.num_classes)]).to_csv(labels_path)
+    variants = ("float32", "float16", "int8") if FLAGS.data_dir else ("float32", "float16")
+    paths = tflite.convert(model_path, labels_path, os.path.join(tmp, "out"), variants,
+                           FLAGS.window_seconds, FLAGS.data_dir, FLAGS.split,
+                           calibration_windows=32)
+    print(f"model: {model_path if FLAGS.audio_model else 'full-size Table 1, 527 classes'} "
+          f"({model.count_params() / 1e6:.2f} M parameters); window {FLAGS.window_seconds} s; "
+          f"{os.cpu_count()} CPUs")
+    print("variant   size MB   ms/window (1 thread)   ms/window (2 threads)   real-time factor")
+    window = np.random.default_rng(0).uniform(-0.3, 0.3, [1, int(FLAGS.window_seconds * 16000)])
+    for variant, path in paths.items():
+      ms = {}
+      for threads in (1, 2):
+        runner = tflite.Runner(path, threads)
+        runner(window)
+        t = time.perf_counter()
+        for _ in range(FLAGS.runs):
+          runner(window)
+        ms[threads] = (time.perf_counter() - t) / FLAGS.runs * 1000
+      rtf = min(ms.values()) / (FLAGS.window_seconds * 1000)
+      print(f"{variant:<9} {os.path.getsize(path) / 1e6:7.2f}   {ms[1]:20.2f}   {ms[2]:21.2f}"
+            f"   {rtf:16.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
