@@ -47,6 +47,15 @@ class TagResult:
          "labels": self.labels, "duration_seconds": round(self.duration_seconds, 3)}
     if self.events is not None:
       d["events"] = self.events
+    if self.timeline is not None:  # segment scores over time for the top classes
+      names = self.timeline["names"]
+      d["timeline"] = {
+          "step_seconds": self.timeline["step_seconds"],
+          "times": [round(float(t), 3) for t in self.timeline["times"]],
+          "scores": {l["name"]: [round(float(x), 4) for x in
+                                 self.timeline["scores"][:, names.index(l["name"])]]
+                     for l in self.labels},
+      }
     return d
 
 
@@ -163,7 +172,8 @@ class Tagger:
       labels.append(entry)
     result = TagResult(path, "ok", "", labels, len(waveform) / media.SAMPLE_RATE)
     if timeline:
-      result.timeline = {"times": times, "scores": steps, "step_seconds": step}
+      result.timeline = {"times": times, "scores": steps, "step_seconds": step,
+                         "names": self.names}
       result.events = events_from_scores(times, steps, self.names, self.mids, threshold, step)
     return result
 

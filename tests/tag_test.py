@@ -69,7 +69,7 @@ def test_timeline_and_csv(exported, tmp_path):
   video = shared_path("video", "moviepy_big_buck_bunny_0_30.webm")  # 30 s: three windows
   out = str(tmp_path / "tags.csv")
   res = _tag(f"--model={saved}", f"--output={out}", "--timeline", "--threshold=0.0",
-             f"--plot_dir={tmp_path}/plots", video)
+             "--plot", f"--plot_dir={tmp_path}/plots", video)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "events" in res.stdout
   png = tmp_path / "plots" / "moviepy_big_buck_bunny_0_30.webm.png"
@@ -78,6 +78,11 @@ def test_timeline_and_csv(exported, tmp_path):
   assert [r["rank"] for r in rows] == ["1", "2", "3"]
   tagger = tagging.Tagger(saved, top_k=3)
   result = tagger.tag_file(video, timeline=True, threshold=0.0)
+  as_json = result.to_dict()
+  assert len(as_json["timeline"]["times"]) == 87
+  assert sorted(as_json["timeline"]["scores"]) == sorted(l["name"] for l in result.labels)
+  assert as_json["events"] and {"name", "mid", "start", "end", "peak"} == set(
+      as_json["events"][0])
   times = result.timeline["times"]
   # 30.02 s of audio: three 10 s windows of 29 segments; the 0.02 s sliver is dropped.
   assert len(times) == 3 * models.num_segments(999) == 87
