@@ -73,3 +73,22 @@ def test_hub_module_directory(tmp_path):
   reloaded = tf.saved_model.load(path)
   np.testing.assert_allclose(got, reloaded(tf.constant(frames / 255.0, tf.float32)).numpy(),
                              rtol=1e-5)
+
+
+def test_color_layout_embedder():
+  emb = embedders.build_embedder("color_layout", image_size=64)
+  frames = np.zeros([3, 64, 64, 3], np.uint8)
+  frames[1, :32, :, 0] = 255  # red top half
+  frames[2] = 255  # white
+  out = emb(frames)
+  assert out.shape == (3, 256) and emb.dim == 256
+  thumb = out[:, :192].reshape(3, 8, 8, 3)
+  np.testing.assert_allclose(thumb[0], 0)
+  np.testing.assert_allclose(thumb[1, :4, :, 0], 1.0)  # the red half, where it is
+  np.testing.assert_allclose(thumb[1, 4:, :, 0], 0.0)
+  hist = out[:, 192:]
+  np.testing.assert_allclose(hist.sum(axis=1), 1.0, rtol=1e-6)
+  assert hist[0, 0] == 1.0 and hist[2, 63] == 1.0  # all black / all white bins
+  assert hist[1, 0] == pytest.approx(0.5) and hist[1, 48] == pytest.approx(0.5)  # red bin
+  with pytest.raises(ValueError, match="divisible by 8"):
+    embedders.build_embedder("color_layout", image_size=60)
