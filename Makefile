@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?= -n 2 --dist loadfile
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo bench bench-esc10 clean
 
 install: $(STAMP)
 
@@ -23,14 +23,16 @@ test-slow: install
 	$(PY) -m pytest $(PYTEST_FLAGS) -m slow tests
 
 demo: install
-	@echo "make demo: not yet. The end-to-end demo lands with the demo issue; meanwhile try:"
-	@echo "  $(PY) bin/prepare_data --file_list=../shared/data/esc10/labels.csv --label_column=class --split_column=fold --output_dir=out/esc10"
+	$(PY) bin/demo --output_dir=demo_out
 
 bench: install
 	$(PY) benchmarks/prepare_benchmark.py
 	$(PY) benchmarks/train_benchmark.py
 	$(PY) benchmarks/train_benchmark.py --precision=mixed_bfloat16
 	$(PY) benchmarks/tflite_benchmark.py
+
+bench-esc10: install
+	$(PY) bin/bench_esc10 --output_dir=out/esc10_bench
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
