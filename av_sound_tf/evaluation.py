@@ -45,10 +45,8 @@ def evaluate_model(model_path, data_dir, splits, output_dir, batch_size=32,
       num_frames=getattr(model, "num_frames", None) or 1024,
       embedding_dim=int(info.get("embedding_dim") or 0), eval_crop=eval_crop)
   labels, scores = metrics_lib.predict_dataset(model, pipeline.eval_dataset(shards, config))
-  ev = metrics_lib.evaluate(labels, scores)
-  summary = dict(ev.summary(), model=model_path, data_dir=data_dir, splits=list(splits))
-  if labels.sum(axis=1).max() <= 1:
-    summary["accuracy"] = metrics_lib.accuracy(labels, scores)
+  ev, summary = metrics_lib.summarize(labels, scores)
+  summary.update(model=model_path, data_dir=data_dir, splits=list(splits))
   tf.io.gfile.makedirs(output_dir)
   files.write_csv(tf.io.gfile.join(output_dir, "per_class.csv"),
                   ev.per_class_rows(label_map.names, label_map.mids))

@@ -33,5 +33,15 @@ def write_csv(path: str, rows: Sequence[dict], header: Optional[Sequence[str]] =
   write_text(path, csv_text(rows, header))
 
 
+def save_figure(fig, path: str, dpi: int = 110):
+  """Writes a matplotlib figure as PNG through tf.io.gfile (gs:// too) and closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
+  plt.close(fig)
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(buf.getvalue())
+
+
 def write_json(path: str, value, sort_keys=False):
   write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys))

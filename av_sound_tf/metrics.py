@@ -124,6 +124,15 @@ def evaluate(labels: np.ndarray, scores: np.ndarray) -> Evaluation:
   return Evaluation(ap, auc, positives, labels.shape[0])
 
 
+def summarize(labels: np.ndarray, scores: np.ndarray):
+  """(Evaluation, summary dict); the summary adds top-1 accuracy for single-label data."""
+  ev = evaluate(labels, scores)
+  summary = ev.summary()
+  if np.asarray(labels).sum(axis=1).max() <= 1:
+    summary["accuracy"] = accuracy(labels, scores)
+  return ev, summary
+
+
 def accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
   """Top-1 accuracy for single-label data (argmax of scores in the label set)."""
   labels = np.asarray(labels)

@@ -17,8 +17,6 @@ given fusion model on one split, and writes to the output folder:
 The "main" fusion model is the multimodal attention model when present, else the best one.
 """
 
-import io
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -41,15 +39,6 @@ def _plt():
 def _integer_ticks():
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   return ticker.MaxNLocator(integer=True)
-
-
-def _save(plt, fig, output_dir, name):
-  """PNG through tf.io.gfile, so that gs:// output folders work too."""
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  with tf.io.gfile.GFile(tf.io.gfile.join(output_dir, name), "wb") as f:
-    f.write(buf.getvalue())
 
 
 def _load_single_modal(path, num_classes):
@@ -83,7 +72,7 @@ def write_report(predictions_dir, model_paths, output_dir, split="eval", top_k=1
     model = keras.models.load_model(model_path, safe_mode=True)
     y, scores, alpha, _ = fusion_training.predict_fusion(model, path, num_classes)
     results.append((model.display_name, metrics_lib.evaluate(y, scores), alpha, model))
-  fused = [r for r in results[2:]]
+  fused = results[2:]
   if not fused:
     raise ValueError("Give at least one fusion model.")
   main = next((r for r in fused if r[3].fusion == "attention" and r[3].variant == "multimodal"),
@@ -93,7 +82,7 @@ def write_report(predictions_dir, model_paths, output_dir, split="eval", top_k=1
   change = ap_av - np.maximum(ap_a, ap_v)
   valid = np.isfinite(change)
   mean_alpha = np.full(num_classes, np.nan)
-  attention_model = next((r for r in fused if r[2] is not None and r is main), None) or next(
+  attention_model = main if main[2] is not None else next(
       (r for r in fused if r[2] is not None), None)
   if attention_model is not None:
     alpha = attention_model[2]
@@ -195,7 +184,7 @@ def _figures(output_dir, ap_a, ap_v, change, valid, mean_alpha, names, main_name
   ax.legend(handles=handles, loc="lower right")
   fig.tight_layout()
   name = "fig2_ap_bubbles.png"
-  _save(plt, fig, output_dir, name)
+  files.save_figure(fig, tf.io.gfile.join(output_dir, name))
   out.append((name, f"Figure 2: audio vs visual AP per class; bubble = change of {main_name}"))
   # Figure 3.
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -207,7 +196,7 @@ def _figures(output_dir, ap_a, ap_v, change, valid, mean_alpha, names, main_name
   ax.set_title("Figure 3: distribution of per-class AP changes")
   fig.tight_layout()
   name = "fig3_ap_change_histogram.png"
-  _save(plt, fig, output_dir, name)
+  files.save_figure(fig, tf.io.gfile.join(output_dir, name))
   out.append((name, "Figure 3: histogram of per-class AP changes"))
   # Figure 4.
   if attention_name is not None and np.isfinite(mean_alpha).any():
@@ -221,6 +210,6 @@ def _figures(output_dir, ap_a, ap_v, change, valid, mean_alpha, names, main_name
                  "over the clips that contain the class")
     fig.tight_layout()
     name = "fig4_attention_histogram.png"
-    _save(plt, fig, output_dir, name)
+    files.save_figure(fig, tf.io.gfile.join(output_dir, name))
     out.append((name, "Figure 4: histogram of per-class mean attention weight on audio"))
   return out

@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf import files
+
 SCHEMA_VERSION = 1
 DATASET_INFO = "dataset_info.json"
 LABELS_FILE = "class_labels_indices.csv"
@@ -177,7 +179,6 @@ def shard_name(prefix: str, index: int, num_shards: int) -> str:
 
 
 def write_dataset_info(path, info: dict):
-  from av_sound_tf import files  # pylint: disable=g-import-not-at-top
   files.write_json(path, dict(info, schema_version=SCHEMA_VERSION), sort_keys=True)
 
 

@@ -25,6 +25,7 @@ from typing import List, Optional
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf import files
 from av_sound_tf import media
 from av_sound_tf import models
 
@@ -191,7 +192,6 @@ def plot_timeline(result: TagResult, names, path, top_k=5):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
   times, scores = result.timeline["times"], result.timeline["scores"]
   top = np.argsort(-scores.mean(axis=0))[:top_k]
   fig, ax = plt.subplots(figsize=(10, 4))
@@ -203,16 +203,12 @@ def plot_timeline(result: TagResult, names, path, top_k=5):
   ax.set_title(f"Sound events over time: {result.path.split('/')[-1]}")
   ax.legend(loc="upper right", fontsize=8)
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100)
-  plt.close(fig)
-  with tf.io.gfile.GFile(path, "wb") as f:
-    f.write(buf.getvalue())
+  files.save_figure(fig, path, dpi=100)
 
 
 def expand_inputs(paths):
   """Files, globs and folders -> (media files in order, inputs that matched nothing)."""
-  found, missing = [], []
+  found, missing, seen = [], [], set()
   for p in paths:
     if tf.io.gfile.isdir(p):
       matches = [f for root, _, names in tf.io.gfile.walk(p) for f in
@@ -222,7 +218,10 @@ def expand_inputs(paths):
     else:
       matches = [p] if tf.io.gfile.exists(p) else []
     if matches:
-      found.extend(m for m in matches if m not in found)
+      for m in matches:
+        if m not in seen:
+          seen.add(m)
+          found.append(m)
     else:
       missing.append(p)
   return found, missing

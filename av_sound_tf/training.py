@@ -364,11 +364,8 @@ def _train(config, extra_callbacks):
   val_cfg = input_config(config, data)
   labels, scores = metrics_lib.predict_dataset(
       model, pipeline.eval_dataset(data.validation_files, val_cfg))
-  ev = metrics_lib.evaluate(labels, scores)
-  summary = dict(ev.summary(), stages=stages, model=final_path,
-                 num_parameters=int(model.count_params()))
-  if labels.sum(axis=1).max() <= 1:
-    summary["accuracy"] = metrics_lib.accuracy(labels, scores)
+  _, summary = metrics_lib.summarize(labels, scores)
+  summary.update(stages=stages, model=final_path, num_parameters=int(model.count_params()))
   files.write_json(tf.io.gfile.join(config.model_dir, "config.json"), dict(
       config.to_dict(), num_classes=data.num_classes, embedding_dim=data.embedding_dim,
       num_replicas=strategy.num_replicas_in_sync))
