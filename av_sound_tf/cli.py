@@ -18,7 +18,7 @@ UsageError = app.UsageError
 
 # Errors that carry a message meant for the user.
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
-                KeyError)
+                KeyError, FloatingPointError)
 
 
 def _is_user_error(error):
@@ -69,6 +69,9 @@ def define_train_flags(flags, kind, batch_size, epochs):
   flags.DEFINE_integer("steps_per_epoch", 0, "Batches per epoch (0: one pass over the "
                        "training data). Backups happen every epoch.", lower_bound=0)
   flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0.0)
+  flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"], "constant: the "
+                    "paper's; cosine: decays to 0 over all epochs (steadier final weights "
+                    "when --model_selection=last).")
   flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, crops).")
   flags.DEFINE_bool("deterministic", False, "Deterministic ops (slower; exact resumes).")
   flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"],
@@ -86,6 +89,11 @@ def define_train_flags(flags, kind, batch_size, epochs):
   flags.DEFINE_enum("model_selection", "best", ["best", "last"], "best: keep the epoch with "
                     "the highest validation mAP; last: keep the final weights (use it when "
                     "the validation split is also the test split).")
+  flags.DEFINE_bool("verify_shards", True, "Read every shard once before training, so a "
+                    "damaged file is named up front (turn off only for very large sets "
+                    "already checked).")
+  flags.DEFINE_bool("skip_corrupt_shards", False, "Train without damaged shards (each is "
+                    "logged and listed in validation_metrics.json) instead of stopping.")
   flags.DEFINE_bool("overwrite", False, "Delete a finished run in --model_dir first "
                     "(an interrupted run is always resumed).")
   flags.DEFINE_bool("verbose", True, "Keras progress bars (one line per epoch when off).")
@@ -129,6 +137,8 @@ def train_config_from_flags(flags_values, kind):
       model_dir=f.model_dir, data_dir=f.data_dir or "", train_splits=tuple(f.train_splits),
       validation_splits=tuple(f.validation_splits), width=f.width, batch_size=f.batch_size,
       epochs=f.epochs, steps_per_epoch=f.steps_per_epoch, learning_rate=f.learning_rate,
+      lr_schedule=f.lr_schedule, verify_shards=f.verify_shards,
+      skip_corrupt_shards=f.skip_corrupt_shards,
       seed=f.seed, deterministic=f.deterministic, precision=f.precision,
       strategy=f.strategy, balance=f.balance, model_selection=f.model_selection,
       mixup_alpha=f.mixup_alpha, verbose=1 if f.verbose else 2)

@@ -40,6 +40,11 @@ def evaluate_model(model_path, data_dir, splits, output_dir, batch_size=32,
   shards = []
   for split in splits:
     shards.extend(schema.list_shards(data_dir, split))
+  # An evaluation on part of a split would be a silently different number: damaged or
+  # truncated shards stop it, naming the file.
+  expected = sum(info["splits"].get(s, {}).get("num_examples", 0) for s in splits)
+  schema.check_shards(shards, expected_records=expected if all(
+      s in info["splits"] for s in splits) else None)
   config = pipeline.InputConfig(
       kind=kind, num_classes=info["num_classes"], batch_size=batch_size,
       num_frames=getattr(model, "num_frames", None) or 1024,

@@ -61,6 +61,7 @@ class AudioTagger:
     self.fusion = fusion_model
     self.class_map_file = tf.saved_model.Asset(labels_path)
     self.max_samples = int(max_seconds * params.sample_rate)
+    self.max_frames = params.num_frames(self.max_samples)
     self.min_samples = params.window_length + (models.MIN_FRAMES - 1) * params.hop_length
     self.num_mel_bins = params.num_mel_bins
 
@@ -109,13 +110,35 @@ class AudioTagger:
 
   def tag_log_mel(self, log_mel):
     frames = tf.shape(log_mel)[1]
-    check = tf.debugging.assert_greater_equal(
-        frames, models.MIN_FRAMES,
-        message=f"log_mel needs at least {models.MIN_FRAMES} frames (0.96 s)")
-    with tf.control_dependencies([check]):
+    checks = [
+        tf.debugging.assert_greater_equal(
+            frames, models.MIN_FRAMES,
+            message=f"log_mel needs at least {models.MIN_FRAMES} frames (0.96 s)"),
+        tf.debugging.assert_equal(
+            tf.shape(log_mel)[2], self.num_mel_bins,
+            message=f"log_mel must have {self.num_mel_bins} mel bins"),
+        tf.debugging.assert_less_equal(
+            frames, self.max_frames,
+            message=f"log_mel longer than the maximum of {self.max_frames} frames: split it "
+                    "into windows"),
+    ]
+    with tf.control_dependencies(checks):
       return self._scores(tf.identity(log_mel))
 
   def tag_audiovisual(self, waveform, embedding_mean):
+    dim = int(self.visual.input_shape[-1])
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(waveform)[0], tf.shape(embedding_mean)[0],
+            message="waveform and embedding_mean must hold the same number of clips"),
+        tf.debugging.assert_equal(
+            tf.shape(embedding_mean)[1], dim,
+            message=f"embedding_mean must have {dim} values per clip (the frame embedder's "
+                    "size used in training)"),
+    ]
+    with tf.control_dependencies(checks):
+      waveform = tf.identity(waveform)
+      embedding_mean = tf.identity(embedding_mean)
     audio = self._scores(self._checked_log_mel(waveform))["clip_scores"]
     visual = self.visual(embedding_mean, training=False)
     ones = tf.ones([tf.shape(audio)[0], 1])

@@ -91,6 +91,30 @@ def _parse_fn(config):
                                         config.embedding_dim)
 
 
+def _checked_parse_fn(config):
+  """Parses and stops on NaN/Inf in a clip's features before they can reach a loss.
+
+  make_example refuses to write them, so a hit means a shard written by other code or
+  damaged in a way that kept its CRCs intact; the error names the clip.
+  """
+  parse = _parse_fn(config)
+  if config.kind == "embedding":  # dequantized uint8: always finite
+    return parse
+
+  def checked(serialized):
+    ex = parse(serialized)
+    finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(ex["log_mel"])),
+                            tf.reduce_all(tf.math.is_finite(ex["embedding_mean"])))
+    check = tf.debugging.Assert(finite, ["Non-finite (NaN or Inf) features in clip",
+                                         ex["clip_id"], "of", ex["source_path"]])
+    with tf.control_dependencies([check]):
+      ex["log_mel"] = tf.identity(ex["log_mel"])
+      ex["embedding_mean"] = tf.identity(ex["embedding_mean"])
+    return ex
+
+  return checked
+
+
 def _keep_fn(config):
   """Drops records that lack the modality (audio+visual sets may hold clips without one)."""
   if config.kind == "audio":
@@ -223,7 +247,7 @@ def train_dataset(files: Sequence[str], config: InputConfig, num_examples: Optio
     start_pass, skip = divmod(consumed, num_examples)
   ds = tf.data.Dataset.range(start_pass, 2**62).flat_map(one_pass).skip(skip)
   ds = ds.enumerate(start=consumed)  # stream positions seed the per-example randomness
-  parse = _parse_fn(config)
+  parse = _checked_parse_fn(config)
   keep = _keep_fn(config)
   terms = None
   if config.balance:
@@ -277,7 +301,7 @@ def eval_dataset(files: Sequence[str], config: InputConfig, with_ids: bool = Fal
   ds = tf.data.TFRecordDataset(files)
   if record_shard:
     ds = ds.shard(*record_shard)
-  parse = _parse_fn(config)
+  parse = _checked_parse_fn(config)
   keep = _keep_fn(config)
   ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if keep:

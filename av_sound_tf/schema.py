@@ -27,6 +27,7 @@ pipelines build on it. `read_audioset_embeddings` reads AudioSet's released VGGi
 """
 
 import json
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -105,18 +106,28 @@ def make_example(clip_id: str,
     log_mel = np.asarray(log_mel)
     if log_mel.ndim != 2:
       raise ValueError(f"log_mel must be [frames, bins]. Received: shape={log_mel.shape}")
+    _check_finite("log_mel", log_mel.astype("<f2"))
     feature["log_mel"] = _bytes([log_mel.astype("<f2").tobytes()])
     feature["log_mel_shape"] = _int64(list(log_mel.shape))
   if embedding_mean is not None:
     embedding_mean = np.asarray(embedding_mean).reshape(-1)
+    _check_finite("embedding_mean", embedding_mean.astype("<f4"))
     feature["embedding_mean"] = _bytes([embedding_mean.astype("<f4").tobytes()])
     feature["embedding_dim"] = _int64([embedding_mean.shape[0]])
     feature["num_video_frames"] = _int64([int(num_video_frames)])
   if frame_embeddings is not None:
     frame_embeddings = np.asarray(frame_embeddings)
+    _check_finite("frame_embeddings", frame_embeddings.astype("<f2"))
     feature["frame_embeddings"] = _bytes([frame_embeddings.astype("<f2").tobytes()])
     feature["num_video_frames"] = _int64([frame_embeddings.shape[0]])
   return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+def _check_finite(name, stored):
+  """Rejects NaN/Inf, including values that overflow the stored float16."""
+  bad = int(np.size(stored) - np.count_nonzero(np.isfinite(stored)))
+  if bad:
+    raise ValueError(f"{name} has {bad} non-finite value(s) (NaN, Inf or beyond float16)")
 
 
 def multi_hot(indices, num_classes: int):
@@ -201,6 +212,68 @@ def list_shards(data_dir, split: str):
   if not files:
     raise FileNotFoundError(f"No shards for split {split!r} in {data_dir}")
   return files
+
+
+class CorruptShardError(ValueError):
+  """A TFRecord shard that cannot be read to its end (the message names the file)."""
+
+
+def count_records(path) -> int:
+  """Records in one TFRecord file, reading it to the end (checks every record's CRC).
+
+  Raises CorruptShardError naming the file when a record is truncated or corrupted.
+  """
+  ds = tf.data.TFRecordDataset(path, buffer_size=8 << 20)
+  try:
+    return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+  except tf.errors.DataLossError as e:
+    raise CorruptShardError(f"{path}: corrupted or truncated TFRecord ({e.message})") from None
+  except tf.errors.OpError as e:
+    raise CorruptShardError(f"{path}: cannot be read ({e.message})") from None
+
+
+def check_shards(files, skip_corrupt: bool = False, expected_records: Optional[int] = None,
+                 log=None):
+  """Reads every shard to its end before a run relies on it.
+
+  tf.data reports a damaged record as "corrupted record at <offset>", without the file, in
+  the middle of training. This check names the file up front.
+
+  Args:
+    files: shard paths.
+    skip_corrupt: False: raise CorruptShardError at the first bad shard; True: leave bad
+      shards out, log each, and return them.
+    expected_records: when given (dataset_info.json's count) and no shard was skipped, a
+      different total is an error: a shard truncated exactly at a record boundary, or
+      replaced, passes the CRC checks but not this count.
+    log: callable for the per-shard warnings (default: absl logging.warning).
+
+  Returns:
+    (good_files, skipped [(file, reason)], num_records in good_files).
+  """
+  if log is None:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    log = logging.warning
+  good, skipped, total = [], [], 0
+  for path in files:
+    try:
+      n = count_records(path)
+    except CorruptShardError as e:
+      if not skip_corrupt:
+        raise CorruptShardError(f"{e} Re-run bin/prepare_data on this split (it redoes "
+                                "damaged shards), or pass --skip_corrupt_shards to train "
+                                "without it.") from None
+      log(f"Skipping shard: {e}")
+      skipped.append((path, str(e)))
+      continue
+    good.append(path)
+    total += n
+  if expected_records is not None and not skipped and total != expected_records:
+    raise CorruptShardError(
+        f"The shards {os.path.dirname(files[0]) if files else ''} hold {total} records but "
+        f"dataset_info.json says {expected_records}: a shard was truncated or replaced. "
+        "Re-run bin/prepare_data on this directory.")
+  return good, skipped, total
 
 
 def read_examples(files, num_classes: int, num_mel_bins: int = 64, embedding_dim: int = 0,

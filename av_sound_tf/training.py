@@ -110,6 +110,7 @@ class TrainConfig:
   epochs: int = 10
   steps_per_epoch: int = 0  # 0: one pass over the training data
   learning_rate: float = 1e-3
+  lr_schedule: str = "constant"  # or cosine: decays to 0 over all training steps
   seed: int = 0
   deterministic: bool = False
   precision: str = "float32"  # or mixed_bfloat16 (docs/benchmarks.md)
@@ -120,6 +121,8 @@ class TrainConfig:
   freq_mask: int = 0
   eval_crop: str = "start"
   shuffle_buffer: int = 2048
+  verify_shards: bool = True  # read every shard once before training (names a bad file)
+  skip_corrupt_shards: bool = False  # leave damaged shards out (listed in the summary)
   model_selection: str = "best"  # best: highest val_mAP epoch; last: the final weights
   secost_stages: int = 0
   secost_alpha: float = 0.5
@@ -190,6 +193,7 @@ class _Data:
   num_classes: int
   embedding_dim: int
   label_map: Optional[labels_lib.LabelMap]
+  skipped_shards: list = dataclasses.field(default_factory=list)
 
 
 def _split_files(data_dir, splits):
@@ -219,9 +223,39 @@ def load_data(config: TrainConfig) -> _Data:
     counts = np.sum([splits[s]["class_counts"] for s in config.train_splits], axis=0).tolist()
   label_map = labels_lib.LabelMap.from_csv(
       tf.io.gfile.join(config.data_dir, info.get("labels_file", schema.LABELS_FILE)))
-  return _Data(_split_files(config.data_dir, config.train_splits),
-               _split_files(config.data_dir, config.validation_splits), num_examples, counts,
-               info["num_classes"], int(info.get("embedding_dim") or 0), label_map)
+  train_files = _split_files(config.data_dir, config.train_splits)
+  val_files = _split_files(config.data_dir, config.validation_splits)
+  skipped = []
+  if config.verify_shards:
+    train_files, bad, records = schema.check_shards(
+        train_files, config.skip_corrupt_shards, expected_records=num_examples)
+    skipped += bad
+    if bad:  # steps per epoch follow what is left; class counts are then approximate
+      logging.warning("Training on %d of %d records: %d damaged shard(s) skipped.",
+                      records, num_examples, len(bad))
+      num_examples = records
+    val_records = sum(splits[s]["num_examples"] for s in config.validation_splits)
+    val_files, bad, _ = schema.check_shards(val_files, config.skip_corrupt_shards,
+                                            expected_records=val_records)
+    skipped += bad
+    if not train_files or not val_files:
+      raise ValueError("Every training or validation shard is damaged: re-run "
+                       "bin/prepare_data.")
+  return _Data(train_files, val_files, num_examples, counts, info["num_classes"],
+               int(info.get("embedding_dim") or 0), label_map, skipped)
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+  """Stops with a clear error when the loss turns NaN/Inf (inputs are checked upstream, so
+  this is divergence). The backup still holds the last finished epoch."""
+
+  def on_train_batch_end(self, batch, logs=None):
+    loss = (logs or {}).get("loss")
+    if loss is not None and not np.isfinite(float(loss)):
+      raise FloatingPointError(
+          f"The training loss became {float(loss)} at batch {batch}: the model diverged. "
+          "Lower --learning_rate (or use --lr_schedule=cosine) and rerun; the run resumes "
+          "from its last finished epoch.")
 
 
 def input_config(config: TrainConfig, data: _Data, batch_size=None) -> pipeline.InputConfig:
@@ -250,6 +284,20 @@ def _best_so_far(history_path):
   with tf.io.gfile.GFile(history_path) as f:
     values = [float(r["val_mAP"]) for r in csv.DictReader(f) if r.get("val_mAP")]
   return max(values) if values else None
+
+
+def learning_rate(config, steps_per_epoch):
+  """Adam's learning rate: constant (the paper), or cosine decay to 0 over the whole run.
+
+  The schedule is a function of the optimizer's step counter, which backups restore, so a
+  resumed run continues the same curve.
+  """
+  if config.lr_schedule == "constant":
+    return config.learning_rate
+  if config.lr_schedule == "cosine":
+    return keras.optimizers.schedules.CosineDecay(config.learning_rate,
+                                                  decay_steps=steps_per_epoch * config.epochs)
+  raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; use constant or cosine.")
 
 
 def _initial_epoch(backup_dir):
@@ -286,7 +334,7 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
       model.build(student.input_shape)
     else:
       model = student
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps)),
                   loss=keras.losses.BinaryCrossentropy(),
                   metrics=[metrics_lib.streaming_map_metric(data.num_classes)])
   history_path = tf.io.gfile.join(stage_dir, "history.csv")
@@ -297,6 +345,7 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
       keras.callbacks.ModelCheckpoint(best_path, monitor="val_mAP", mode="max",
                                       save_best_only=True, save_weights_only=True,
                                       initial_value_threshold=_best_so_far(history_path)),
+      StopOnNonFiniteLoss(),
       keras.callbacks.CSVLogger(history_path, append=True),
       keras.callbacks.TensorBoard(tf.io.gfile.join(stage_dir, "logs")),
       *extra_callbacks,
@@ -365,7 +414,8 @@ def _train(config, extra_callbacks):
   labels, scores = metrics_lib.predict_dataset(
       model, pipeline.eval_dataset(data.validation_files, val_cfg))
   _, summary = metrics_lib.summarize(labels, scores)
-  summary.update(stages=stages, model=final_path, num_parameters=int(model.count_params()))
+  summary.update(stages=stages, model=final_path, num_parameters=int(model.count_params()),
+                 skipped_shards=[{"file": f, "reason": r} for f, r in data.skipped_shards])
   files.write_json(tf.io.gfile.join(config.model_dir, "config.json"), dict(
       config.to_dict(), num_classes=data.num_classes, embedding_dim=data.embedding_dim,
       num_replicas=strategy.num_replicas_in_sync))

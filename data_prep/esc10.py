@@ -20,10 +20,34 @@ PUBLISHED = (("k-NN (Piczak 2015)", 66.7), ("SVM (Piczak 2015)", 67.5),
              ("human listeners", 95.7))
 
 
-def run(esc10_dir, out_dir, width=0.25, epochs=60, num_frames=512, batch_size=32,
-        folds=(1, 2, 3, 4, 5), log=print) -> dict:
-  """Runs (or resumes: finished folds are kept) the cross-validation; returns the summary."""
+# Training settings of the benchmark's defaults (bin/bench_esc10 flags override them).
+DEFAULTS = dict(width=0.25, epochs=60, num_frames=512, batch_size=32, learning_rate=1e-3,
+                lr_schedule="constant", mixup_alpha=0.0, time_mask=0, freq_mask=0, seed=0)
+
+
+def run(esc10_dir, out_dir, folds=(1, 2, 3, 4, 5), log=print, **settings) -> dict:
+  """Runs (or resumes: finished folds are kept) the cross-validation; returns the summary.
+
+  `settings` override DEFAULTS (TrainConfig fields). A rerun into the same out_dir with
+  other settings is refused, so one table never mixes folds trained differently.
+  """
+  unknown = set(settings) - set(DEFAULTS)
+  if unknown:
+    raise ValueError(f"Unknown ESC-10 settings: {sorted(unknown)}")
+  settings = {**DEFAULTS, **settings}
   out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  settings_path = os.path.join(out_dir, "settings.json")
+  if os.path.exists(settings_path):
+    with open(settings_path) as f:
+      previous = json.load(f)
+    if previous != settings:
+      changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+      raise ValueError(f"{out_dir} holds folds trained with other settings "
+                       f"(old, new): {changed}; use another output directory.")
+  else:
+    with open(settings_path, "w") as f:
+      json.dump(settings, f, indent=2)
   data = os.path.join(out_dir, "prepared")
   if not os.path.exists(os.path.join(data, "dataset_info.json")):
     found = inputs.from_file_list(os.path.join(esc10_dir, "labels.csv"), label_column="class",
@@ -40,8 +64,7 @@ def run(esc10_dir, out_dir, width=0.25, epochs=60, num_frames=512, batch_size=32
       training.train(training.TrainConfig(
           kind="audio", model_dir=model_dir, data_dir=data,
           train_splits=tuple(str(f) for f in (1, 2, 3, 4, 5) if f != k),
-          validation_splits=(str(k),), width=width, num_frames=num_frames,
-          batch_size=batch_size, epochs=epochs, model_selection="last", verbose=2))
+          validation_splits=(str(k),), model_selection="last", verbose=2, **settings))
       log(f"[esc10] fold {k} trained in {time.time() - start:.0f} s")
     with open(metrics_path) as f:
       m = json.load(f)
@@ -56,11 +79,11 @@ def run(esc10_dir, out_dir, width=0.25, epochs=60, num_frames=512, batch_size=32
   lines += ["", "| published (5-fold accuracy) | |", "|---|---|"]
   lines += [f"| {name} | {acc:.1f} % |" for name, acc in PUBLISHED]
   summary = {"folds": results, "mean_accuracy": mean_acc, "mean_mAP": mean_map,
-             "width": width, "epochs": epochs, "num_frames": num_frames,
-             "table": "\n".join(lines)}
+             "settings": settings, "table": "\n".join(lines)}
   with open(os.path.join(out_dir, "esc10_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   with open(os.path.join(out_dir, "esc10_report.md"), "w") as f:
     f.write("# ESC-10, 5-fold cross-validation, audio MIL ConvNet from scratch\n\n" +
+            "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + "\n\n" +
             summary["table"] + "\n")
   return summary

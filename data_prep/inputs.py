@@ -68,13 +68,13 @@ def _resolve(raw_labels, label_map, source, line):
   return indices, mids, error
 
 
-def _clip_id_from_path(path, base):
+def _clip_id_from_path(path, base, keep_extension=False):
   """The path relative to the list's folder without extension; the whole path for files
   outside that folder (ids must be unique, basenames need not be)."""
   rel = path
   if base and path.startswith(base.rstrip("/") + "/"):
     rel = path[len(base.rstrip("/")) + 1:]
-  return os.path.splitext(rel)[0]
+  return rel if keep_extension else os.path.splitext(rel)[0]
 
 
 def _float_or_none(text):
@@ -103,14 +103,20 @@ def from_file_list(file_list, label_map=None, ontology=None, label_column="label
     split = (row.extra.get(split_column) or "").strip() if split_column else default_split
     split = _safe_split(split) or default_split
     indices, mids, error = _resolve(row.labels, label_map, file_list, row.line)
-    clip_id = _clip_id_from_path(row.path, base)
-    if clip_id in seen_ids:
-      problems.append(labels_lib.RowProblem(
-          file_list, row.line, f"duplicate path {row.path} (first on line {seen_ids[clip_id]})"))
-      continue
-    seen_ids[clip_id] = row.line
     start = _float_or_none(row.extra.get("start_seconds"))
     end = _float_or_none(row.extra.get("end_seconds"))
+    clip_id = _clip_id_from_path(row.path, base)
+    if clip_id in seen_ids and seen_ids[clip_id][1] != row.path:
+      clip_id = _clip_id_from_path(row.path, base, keep_extension=True)  # a.mp4 next to a.ogg
+    if start is not None:  # several segments of one file
+      clip_id = f"{clip_id}_{start:g}"
+    if clip_id in seen_ids:
+      problems.append(labels_lib.RowProblem(
+          file_list, row.line, f"duplicate row for {row.path}"
+          f"{'' if start is None else f' at {start:g} s'} (first on line "
+          f"{seen_ids[clip_id][0]})"))
+      continue
+    seen_ids[clip_id] = (row.line, row.path)
     jobs.append(ClipJob(len(jobs), clip_id, row.path, split, indices, mids, start, end,
                         trim="always" if (start is not None or end is not None) else "never",
                         error=error))

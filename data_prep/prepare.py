@@ -53,6 +53,7 @@ class PrepareConfig:
   num_shards: int = 0  # per split; 0: ceil(examples / examples_per_shard)
   examples_per_shard: int = 1000
   min_audio_seconds: float = 0.1
+  max_seconds: float = 60.0  # longer media: the first max_seconds are kept (0: no limit)
   allow_missing_modality: bool = False
   embedder: str = "resnet152"
   embedder_weights: Optional[str] = None
@@ -151,6 +152,11 @@ class ClipProcessor:
     cfg = self.config
     start, end = self._segment(job)
     warnings = []
+    if end is None and cfg.max_seconds:
+      full = media.probe(job.path).duration_seconds
+      if full and full > cfg.max_seconds + 0.5:
+        end = (start or 0.0) + cfg.max_seconds
+        warnings.append(f"{full:.0f} s long: kept the first {cfg.max_seconds:g} s")
     log_mel, duration = None, 0.0
     if cfg.audio:
       try:
@@ -188,18 +194,27 @@ class ClipProcessor:
           duration = (end - start) if end is not None else media.probe(job.path).duration_seconds
     if log_mel is None and embedding_mean is None:
       raise media.MediaError(job.path, "neither audio nor video could be decoded")
-    example = schema.make_example(
-        clip_id=job.clip_id, source_path=job.path, label_indices=job.label_indices,
-        label_mids=job.label_mids, start_seconds=start or 0.0,
-        end_seconds=end if end is not None else (start or 0.0) + duration,
-        duration_seconds=duration, log_mel=log_mel, embedding_mean=embedding_mean,
-        frame_embeddings=per_frame if cfg.store_frame_embeddings else None,
-        num_video_frames=num_video_frames)
+    try:
+      example = _make_example(job, start, end, duration, log_mel, embedding_mean,
+                              per_frame if cfg.store_frame_embeddings else None,
+                              num_video_frames)
+    except ValueError as e:  # non-finite features (corrupt samples)
+      raise media.MediaError(job.path, str(e)) from None
     return ClipResult(
         "written", example=example.SerializeToString(),
         num_frames=0 if log_mel is None else log_mel.shape[0], duration_seconds=duration,
         has_audio=log_mel is not None, has_video=embedding_mean is not None,
         warnings="; ".join(warnings))
+
+
+def _make_example(job, start, end, duration, log_mel, embedding_mean, per_frame,
+                  num_video_frames):
+  return schema.make_example(
+      clip_id=job.clip_id, source_path=job.path, label_indices=job.label_indices,
+      label_mids=job.label_mids, start_seconds=start or 0.0,
+      end_seconds=end if end is not None else (start or 0.0) + duration,
+      duration_seconds=duration, log_mel=log_mel, embedding_mean=embedding_mean,
+      frame_embeddings=per_frame, num_video_frames=num_video_frames)
 
 
 _WORKER = None

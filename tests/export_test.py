@@ -90,6 +90,57 @@ def test_in_graph_checks(exported):
   assert short["clip_scores"].shape == (2, C) and np.isfinite(short["clip_scores"]).all()
 
 
+# Bad requests to every signature: (signature, inputs, expected error type, message part).
+# Loaded signatures reject a wrong dtype before running ("expected to be a float tensor");
+# a wrong rank fails inside the graph with TensorFlow's own message (it cannot be checked
+# in-graph: the rank is folded from the signature), still an error and never an output.
+_DTYPE = ((TypeError, ValueError, tf.errors.InvalidArgumentError), "float tensor|cast")
+_RANK = ((TypeError, ValueError, tf.errors.InvalidArgumentError), "")
+_W = tf.zeros([1, 16000])
+_E = tf.zeros([1, 8])
+_BAD_REQUESTS = {
+    "waveform_float64": ("tag_waveform", dict(waveform=tf.zeros([1, 16000], tf.float64)),
+                         *_DTYPE),
+    "waveform_rank1": ("tag_waveform", dict(waveform=tf.zeros([16000])), *_RANK),
+    "waveform_empty": ("tag_waveform", dict(waveform=tf.zeros([1, 0])),
+                       tf.errors.InvalidArgumentError, "empty waveform"),
+    "waveform_oversize": ("tag_waveform", dict(waveform=tf.zeros([1, 16000 * 31])),
+                          tf.errors.InvalidArgumentError, "longer than the maximum"),
+    "log_mel_int": ("tag_log_mel", dict(log_mel=tf.zeros([1, 100, 64], tf.int32)),
+                    *_DTYPE),
+    "log_mel_rank2": ("tag_log_mel", dict(log_mel=tf.zeros([100, 64])), *_RANK),
+    "log_mel_bins": ("tag_log_mel", dict(log_mel=tf.zeros([1, 100, 40])),
+                     (ValueError, tf.errors.InvalidArgumentError), "shape|64 mel bins"),
+    "log_mel_empty": ("tag_log_mel", dict(log_mel=tf.zeros([1, 0, 64])),
+                      tf.errors.InvalidArgumentError, "at least 96 frames"),
+    "log_mel_oversize": ("tag_log_mel", dict(log_mel=tf.zeros([1, 3100, 64])),
+                         tf.errors.InvalidArgumentError, "longer than the maximum"),
+    "av_float64": ("tag_audiovisual", dict(waveform=tf.zeros([1, 16000], tf.float64),
+                                           embedding_mean=_E), *_DTYPE),
+    "av_rank1": ("tag_audiovisual", dict(waveform=tf.zeros([16000]), embedding_mean=_E),
+                 *_RANK),
+    "av_embedding_dim": ("tag_audiovisual", dict(waveform=_W, embedding_mean=tf.zeros([1, 5])),
+                         (ValueError, tf.errors.InvalidArgumentError), "shape|8 values"),
+    "av_empty": ("tag_audiovisual", dict(waveform=tf.zeros([1, 0]), embedding_mean=_E),
+                 tf.errors.InvalidArgumentError, "empty waveform"),
+    "av_oversize": ("tag_audiovisual", dict(waveform=tf.zeros([1, 16000 * 31]),
+                                            embedding_mean=_E),
+                    tf.errors.InvalidArgumentError, "longer than the maximum"),
+    "av_batch_mismatch": ("tag_audiovisual", dict(waveform=_W, embedding_mean=tf.zeros([2, 8])),
+                          tf.errors.InvalidArgumentError, "same number of clips"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_REQUESTS))
+def test_every_signature_rejects_bad_requests(exported, case):
+  """Wrong dtype, wrong rank, empty and oversize inputs fail with a clear error, never a
+  crash or a silently wrong answer (docs/reliability.md)."""
+  name, request, error, message = _BAD_REQUESTS[case]
+  sig = tf.saved_model.load(exported[0]["path"]).signatures[name]
+  with pytest.raises(error, match=message):
+    sig(**request)
+
+
 def test_audiovisual_signature(exported):
   sig = tf.saved_model.load(exported[0]["path"]).signatures["tag_audiovisual"]
   out = sig(waveform=tf.random.uniform([2, 32000], -0.1, 0.1),

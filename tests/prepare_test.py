@@ -16,28 +16,7 @@ from av_sound_tf import schema
 from data_prep import inputs
 from data_prep import prepare
 from tests.conftest import REPO, shared_path
-
-ESC_CLIPS = ["001 - Dog bark/1-100032-A.ogg", "001 - Dog bark/1-110389-A.ogg",
-             "002 - Rain/1-17367-A.ogg", "002 - Rain/1-21189-A.ogg",
-             "005 - Clock tick/1-21934-A.ogg"]
-
-
-def write_list(path, rows, header=("path", "labels")):
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(header)
-    w.writerows(rows)
-  return str(path)
-
-
-def read_manifest(out):
-  with open(os.path.join(out, "manifest.csv")) as f:
-    return list(csv.DictReader(f))
-
-
-def shard_bytes(out):
-  return {os.path.basename(p): open(p, "rb").read()
-          for p in sorted(glob.glob(os.path.join(out, "*.tfrecord")))}
+from tests.prep_helpers import ESC_CLIPS, read_manifest, run_prepare, shard_bytes, write_list
 
 
 @pytest.fixture
@@ -45,12 +24,6 @@ def esc_list(tmp_path):
   esc = shared_path("esc10")
   rows = [(os.path.join(esc, c), c.split("/")[0][6:]) for c in ESC_CLIPS]
   return write_list(tmp_path / "list.csv", rows)
-
-
-def run_prepare(file_list, out, num_workers=0, **kw):
-  found = inputs.from_file_list(file_list)
-  config = prepare.PrepareConfig(output_dir=str(out), **kw)
-  return prepare.prepare(found, config, num_workers=num_workers, progress_every=0)
 
 
 def test_audio_shards_and_manifest(esc_list, tmp_path):
