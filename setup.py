@@ -32,5 +32,9 @@ setuptools.setup(
         "soxr>=0.3",  # resampling: 4x faster than swresample (docs/benchmarks.md)
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "librosa>=0.10"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "librosa>=0.10"],
+        # Distributed preparation (Dataflow, Flink, Spark, DirectRunner); see BUILD.md.
+        "beam": ["apache-beam==2.77.0"],
+    },
 )

@@ -46,9 +46,11 @@ def run(main):
       return 2
 
   logging.set_verbosity(logging.INFO)
-  # TensorFlow's own INFO messages (SavedModel internals) are noise for a user.
+  # TensorFlow's (SavedModel internals) and Beam's (worker harness) INFO lines are noise
+  # for a user.
   import logging as py_logging  # pylint: disable=g-import-not-at-top
-  py_logging.getLogger("tensorflow").setLevel(py_logging.WARNING)
+  for logger in ("tensorflow", "apache_beam"):
+    py_logging.getLogger(logger).setLevel(py_logging.WARNING)
   app.run(wrapped)
 
 

@@ -255,6 +255,9 @@ class Progress:
 
   def line(self):
     rate = self.rate()
+    if not self.total:  # unknown total (one Beam worker's share)
+      return (f"[prepare] {self.done} clips on this worker, {rate:.1f} clips/s, "
+              f"{self.failed} failed")
     left = self.total - self.done
     eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "?"
     pct = 100.0 * self.done / max(self.total, 1)
@@ -293,6 +296,7 @@ class Summary:
   elapsed_seconds: float
   clips_per_second: float
   output_dir: str
+  counters: dict = dataclasses.field(default_factory=dict)  # Beam counters, when run there
 
   @property
   def failure_fraction(self):
@@ -316,11 +320,13 @@ class Summary:
       lines.append(f"  {self.unmatched_files} media file(s) had no row in the list (failed)")
     if self.missing_media:
       lines.append(f"  {self.missing_media} list row(s) had no media file: see {MISSING_MEDIA}")
+    for name, value in sorted(self.counters.items()):
+      lines.append(f"  Beam counter {name}: {value}")
     lines.append(f"  manifest: {tf.io.gfile.join(self.output_dir, MANIFEST)}")
     return "\n".join(lines)
 
 
-def _reason_kind(reason):
+def reason_kind(reason):
   return reason.split(" (")[0].split(": ")[0] if reason else ""
 
 
@@ -378,23 +384,7 @@ def prepare(inputs: inputs_lib.Inputs, config: PrepareConfig, num_workers: int =
   """
   t0 = time.time()
   out = config.output_dir
-  if overwrite and tf.io.gfile.exists(out):
-    tf.io.gfile.rmtree(out)
-  tf.io.gfile.makedirs(tf.io.gfile.join(out, MANIFEST_PARTS))
-  _check_run_config(config, _fingerprint(inputs.jobs))
-  inputs.label_map.to_csv(tf.io.gfile.join(out, schema.LABELS_FILE))
-  for stale in tf.io.gfile.glob(tf.io.gfile.join(out, "*.incomplete")):
-    tf.io.gfile.remove(stale)
-
-  plan = assign_shards(inputs.jobs, config)
-  pending, shard_names, skipped = [], {}, 0
-  for split, (num_shards, assigned) in plan.items():
-    for k in range(num_shards):
-      shard_names[(split, k)] = schema.shard_name(split, k, num_shards)
-    done = {k for k in range(num_shards) if _shard_complete(out, shard_names[(split, k)])}
-    skipped += len(done)
-    pending.extend((job, shard_names[(split, k)]) for job, k in assigned if k not in done)
-
+  plan, shard_names, pending, skipped = start_run(inputs, config, overwrite)
   total = len(inputs.jobs)
   progress = Progress(total, already_done=total - len(pending), every=progress_every)
   logging.info("[prepare] %d inputs, %d to process (%d complete shards kept), %d workers",
@@ -410,33 +400,82 @@ def prepare(inputs: inputs_lib.Inputs, config: PrepareConfig, num_workers: int =
     results = (processor(job) for job, _ in pending)
 
   writer = None
-  current, rows, index_in_shard = None, [], 0
   try:
     for (job, name), result in zip(pending, results):
-      if name != current:
+      if writer is None or writer.name != name:
         if writer is not None:
-          _finish_shard(out, current, writer, rows)
-        current, rows, index_in_shard = name, [], 0
-        writer = tf.io.TFRecordWriter(tf.io.gfile.join(out, name) + ".incomplete")
-      if result.status == "written":
-        writer.write(result.example)
-        rows.append(_manifest_row(job, result, name, index_in_shard))
-        index_in_shard += 1
-      else:
-        rows.append(_manifest_row(job, result))
-        logging.warning("[prepare] failed: %s: %s", job.path, result.reason)
+          writer.close()
+        writer = ShardWriter(out, name)
+      writer.add(job, result)
       progress.update(failed=result.status != "written")
     if writer is not None:
-      _finish_shard(out, current, writer, rows)
+      writer.close()
       writer = None
   finally:
     if writer is not None:
-      writer.close()
+      writer.abandon()
     if pool is not None:
       pool.terminate()
       pool.join()
 
-  return _finalize(inputs, config, plan, shard_names, skipped, t0, progress)
+  return finalize(inputs, config, plan, shard_names, skipped, t0, progress.rate())
+
+
+def start_run(inputs, config, overwrite=False):
+  """What every writer (this module's, the Beam pipeline's) does first: checks a resumed
+  run's settings, writes the label map, plans the shards, and lists the (job, shard name)
+  pairs still to do (complete shards of an earlier run are kept).
+
+  Returns (plan, shard_names {(split, k): name}, pending, number of kept shards).
+  """
+  out = config.output_dir
+  if overwrite and tf.io.gfile.exists(out):
+    tf.io.gfile.rmtree(out)
+  tf.io.gfile.makedirs(tf.io.gfile.join(out, MANIFEST_PARTS))
+  _check_run_config(config, _fingerprint(inputs.jobs))
+  inputs.label_map.to_csv(tf.io.gfile.join(out, schema.LABELS_FILE))
+  for stale in tf.io.gfile.glob(tf.io.gfile.join(out, "*.incomplete")):
+    tf.io.gfile.remove(stale)
+  plan = assign_shards(inputs.jobs, config)
+  pending, shard_names, skipped = [], {}, 0
+  for split, (num_shards, assigned) in plan.items():
+    for k in range(num_shards):
+      shard_names[(split, k)] = schema.shard_name(split, k, num_shards)
+    done = {k for k in range(num_shards) if _shard_complete(out, shard_names[(split, k)])}
+    skipped += len(done)
+    pending.extend((job, shard_names[(split, k)]) for job, k in assigned if k not in done)
+  return plan, shard_names, pending, skipped
+
+
+class ShardWriter:
+  """Writes one shard: examples to ``<name>.incomplete``, renamed when complete, then its
+  manifest part (the commit mark a resumed run checks). Rewriting a shard gives the same
+  bytes, so a retried writer (a Beam bundle) is harmless."""
+
+  def __init__(self, out, name):
+    self.out, self.name = out, name
+    self.rows = []
+    self.written = 0
+    self.writer = tf.io.TFRecordWriter(tf.io.gfile.join(out, name) + ".incomplete")
+
+  def add(self, job, result):
+    if result.status == "written":
+      self.writer.write(result.example)
+      self.rows.append(_manifest_row(job, result, self.name, self.written))
+      self.written += 1
+    else:
+      self.rows.append(_manifest_row(job, result))
+      logging.warning("[prepare] failed: %s: %s", job.path, result.reason)
+
+  def close(self):
+    self.writer.close()
+    tf.io.gfile.rename(tf.io.gfile.join(self.out, self.name) + ".incomplete",
+                       tf.io.gfile.join(self.out, self.name), overwrite=True)
+    files.write_text(tf.io.gfile.join(self.out, MANIFEST_PARTS, self.name + ".csv"),
+                     files.csv_text(self.rows, MANIFEST_COLUMNS))
+
+  def abandon(self):
+    self.writer.close()
 
 
 def _shard_complete(out, name):
@@ -444,14 +483,8 @@ def _shard_complete(out, name):
           tf.io.gfile.exists(tf.io.gfile.join(out, name)))
 
 
-def _finish_shard(out, name, writer, rows):
-  writer.close()
-  tf.io.gfile.rename(tf.io.gfile.join(out, name) + ".incomplete", tf.io.gfile.join(out, name),
-                     overwrite=True)
-  files.write_text(tf.io.gfile.join(out, MANIFEST_PARTS, name + ".csv"), files.csv_text(rows, MANIFEST_COLUMNS))
-
-
-def _finalize(inputs, config, plan, shard_names, skipped, t0, progress):
+def finalize(inputs, config, plan, shard_names, skipped, t0, clips_per_second):
+  """Joins the manifest parts, writes manifest.csv, missing_media.csv, dataset_info.json."""
   out = config.output_dir
   rows = []
   for p in inputs.problems:
@@ -497,10 +530,10 @@ def _finalize(inputs, config, plan, shard_names, skipped, t0, progress):
   failed = [r for r in rows if r["status"] != "written"]
   return Summary(
       total=len(rows), written=len(rows) - len(failed), failed=len(failed),
-      skipped_shards=skipped, reasons=collections.Counter(_reason_kind(r["reason"]) for r in failed),
+      skipped_shards=skipped, reasons=collections.Counter(reason_kind(r["reason"]) for r in failed),
       splits=splits, unmatched_files=len(inputs.unmatched_files),
       missing_media=len(inputs.missing_media), elapsed_seconds=time.time() - t0,
-      clips_per_second=progress.rate(), output_dir=out)
+      clips_per_second=clips_per_second, output_dir=out)
 
 
 def _embedding_dim(out, splits):
