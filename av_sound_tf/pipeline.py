@@ -213,7 +213,8 @@ def _block_shuffle(ds, buffer, seed):
 def train_dataset(files: Sequence[str], config: InputConfig, num_examples: Optional[int] = None,
                   initial_epoch: int = 0, steps_per_epoch: Optional[int] = None,
                   class_counts: Optional[Sequence[int]] = None,
-                  input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+                  input_context: Optional[tf.distribute.InputContext] = None,
+                  balance_examples: Optional[int] = None) -> tf.data.Dataset:
   """Endless, epoch-seeded training batches of (features, labels[, weights]).
 
   Args:
@@ -225,6 +226,8 @@ def train_dataset(files: Sequence[str], config: InputConfig, num_examples: Optio
     steps_per_epoch: batches per epoch.
     class_counts: positives per class in the training set (required with balance=True).
     input_context: from `strategy.distribute_datasets_from_function`, or None.
+    balance_examples: the training set's size for the class-balance weights (default:
+      num_examples; a multi-worker pipeline passes the whole set's).
   """
   if not files:
     raise ValueError("No training files.")
@@ -241,19 +244,23 @@ def train_dataset(files: Sequence[str], config: InputConfig, num_examples: Optio
 
   # Resume: records already consumed by `initial_epoch` epochs. Exact when every record
   # yields an example (records lacking the modality are dropped after this point).
+  # Without num_examples a resume starts at pass `initial_epoch` (exact when an epoch is
+  # one pass over these files).
   start_pass, skip, consumed = initial_epoch, 0, 0
-  if initial_epoch and steps_per_epoch and num_examples:
+  if initial_epoch and steps_per_epoch:
     consumed = initial_epoch * steps_per_epoch * config.batch_size
-    start_pass, skip = divmod(consumed, num_examples)
+    if num_examples:
+      start_pass, skip = divmod(consumed, num_examples)
   ds = tf.data.Dataset.range(start_pass, 2**62).flat_map(one_pass).skip(skip)
   ds = ds.enumerate(start=consumed)  # stream positions seed the per-example randomness
   parse = _checked_parse_fn(config)
   keep = _keep_fn(config)
   terms = None
   if config.balance:
-    if not num_examples:
+    balance_examples = balance_examples or num_examples
+    if not balance_examples:
       raise ValueError("balance=True needs num_examples.")
-    terms = tf.constant(class_balance_weights(class_counts, num_examples))
+    terms = tf.constant(class_balance_weights(class_counts, balance_examples))
 
   def to_example(i, record):
     return i, parse(record)

@@ -106,7 +106,8 @@ def make_example(clip_id: str,
     log_mel = np.asarray(log_mel)
     if log_mel.ndim != 2:
       raise ValueError(f"log_mel must be [frames, bins]. Received: shape={log_mel.shape}")
-    _check_finite("log_mel", log_mel.astype("<f2"))
+    with np.errstate(over="ignore"):  # overflow to inf is what _check_finite reports
+      _check_finite("log_mel", log_mel.astype("<f2"))
     feature["log_mel"] = _bytes([log_mel.astype("<f2").tobytes()])
     feature["log_mel_shape"] = _int64(list(log_mel.shape))
   if embedding_mean is not None:
@@ -117,7 +118,8 @@ def make_example(clip_id: str,
     feature["num_video_frames"] = _int64([int(num_video_frames)])
   if frame_embeddings is not None:
     frame_embeddings = np.asarray(frame_embeddings)
-    _check_finite("frame_embeddings", frame_embeddings.astype("<f2"))
+    with np.errstate(over="ignore"):
+      _check_finite("frame_embeddings", frame_embeddings.astype("<f2"))
     feature["frame_embeddings"] = _bytes([frame_embeddings.astype("<f2").tobytes()])
     feature["num_video_frames"] = _int64([frame_embeddings.shape[0]])
   return tf.train.Example(features=tf.train.Features(feature=feature))

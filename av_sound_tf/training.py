@@ -286,6 +286,24 @@ def _best_so_far(history_path):
   return max(values) if values else None
 
 
+@keras.saving.register_keras_serializable(package="av_sound_tf")
+class ReplicaMeanAdam(keras.optimizers.Adam):
+  """Adam on the mean of the replicas' gradients.
+
+  Keras 3.6's TensorFlow backend all-reduces gradients with a SUM (keras-team/keras#19308)
+  while each replica's loss is the mean over its own part of the batch, so N replicas take
+  N times the single-device gradient of the same global batch (measured: 2x with 2
+  replicas, plain SGD). Dividing by num_replicas_in_sync makes a run on N replicas or N
+  workers follow the single-device run with the same global batch.
+  """
+
+  def apply(self, grads, trainable_variables=None):
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+      grads = [None if g is None else g / replicas for g in grads]
+    return super().apply(grads, trainable_variables)
+
+
 def learning_rate(config, steps_per_epoch):
   """Adam's learning rate: constant (the paper), or cosine decay to 0 over the whole run.
 
@@ -298,6 +316,57 @@ def learning_rate(config, steps_per_epoch):
     return keras.optimizers.schedules.CosineDecay(config.learning_rate,
                                                   decay_steps=steps_per_epoch * config.epochs)
   raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; use constant or cosine.")
+
+
+def _patch_keras_multi_worker_reduce():
+  """Keras 3.6 reduces each step's scalar logs under MultiWorkerMirroredStrategy with
+  strategy.reduce("MEAN", v, axis=0), which fails for scalars (tensorflow/tensorflow#72388).
+  Reduce those with axis=None (the mean over all replicas) and leave everything else to
+  Keras. Applied only for multi-worker runs; idempotent."""
+  from keras.src.backend.tensorflow import trainer as tf_trainer  # pylint: disable=g-import-not-at-top
+  original = tf_trainer.reduce_per_replica
+  if getattr(original, "_av_sound_tf_patched", False):
+    return
+
+  def reduce_per_replica(values, strategy, reduction):
+    if (reduction in ("auto", "mean") and
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)):
+      return keras.tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None),
+                                      values)
+    return original(values, strategy, reduction)
+
+  reduce_per_replica._av_sound_tf_patched = True  # pylint: disable=protected-access
+  tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def _num_workers(strategy):
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return 1
+  return max(1, len(resolver.cluster_spec().as_dict().get("worker", [])) +
+             len(resolver.cluster_spec().as_dict().get("chief", [])))
+
+
+def _worker_index(strategy):
+  """0 for the chief (or worker 0 without a chief), then the workers in order."""
+  resolver = strategy.cluster_resolver
+  has_chief = "chief" in resolver.cluster_spec().as_dict()
+  if resolver.task_type == "chief":
+    return 0
+  return resolver.task_id + (1 if has_chief else 0)
+
+
+def _worker_model_dir(config, strategy):
+  """The chief (task chief/0, or worker/0 without a chief) writes config.model_dir; other
+  workers write their backups and copies under model_dir/.workers/ (the TF guidance for
+  multi-worker checkpoints: never two writers on one path)."""
+  if _num_workers(strategy) <= 1:
+    return config.model_dir
+  resolver = strategy.cluster_resolver
+  if _worker_index(strategy) == 0:
+    return config.model_dir
+  return tf.io.gfile.join(config.model_dir, ".workers",
+                          f"{resolver.task_type}{resolver.task_id}")
 
 
 def _initial_epoch(backup_dir):
@@ -322,9 +391,31 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
   initial_epoch = _initial_epoch(backup_dir)
   if initial_epoch:
     logging.info("Resuming %s from its backup at epoch %d.", stage_dir, initial_epoch)
-  train_ds = pipeline.train_dataset(data.train_files, in_cfg, num_examples=data.num_examples,
-                                    initial_epoch=initial_epoch, steps_per_epoch=steps,
-                                    class_counts=data.class_counts)
+  num_workers = _num_workers(strategy)
+  if num_workers > 1:
+    # Each worker reads its own share of the files (or, with fewer files than workers, of
+    # the records), batched at the global size. Keras hands the dataset to
+    # experimental_distribute_dataset, which (auto-sharding off) rebatches it so that each
+    # step takes global_batch / num_workers examples from every worker.
+    context = tf.distribute.InputContext(num_input_pipelines=num_workers,
+                                         input_pipeline_id=_worker_index(strategy),
+                                         num_replicas_in_sync=strategy.num_replicas_in_sync)
+    logging.info("Input pipeline %d of %d.", context.input_pipeline_id, num_workers)
+    # This pipeline's share of the records is not counted, so a resume starts at the
+    # epoch's pass: exact when an epoch is one pass (the default steps_per_epoch).
+    train_ds = pipeline.train_dataset(data.train_files, in_cfg, initial_epoch=initial_epoch,
+                                      steps_per_epoch=steps, class_counts=data.class_counts,
+                                      input_context=context,
+                                      balance_examples=data.num_examples)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.OFF)
+    train_ds = train_ds.with_options(options)
+  else:
+    train_ds = pipeline.train_dataset(data.train_files, in_cfg,
+                                      num_examples=data.num_examples,
+                                      initial_epoch=initial_epoch, steps_per_epoch=steps,
+                                      class_counts=data.class_counts)
   val_ds = pipeline.eval_dataset(data.validation_files, in_cfg)
   with strategy.scope():
     student = build_model(config, data)
@@ -334,7 +425,7 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
       model.build(student.input_shape)
     else:
       model = student
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps)),
+    model.compile(optimizer=ReplicaMeanAdam(learning_rate(config, steps)),
                   loss=keras.losses.BinaryCrossentropy(),
                   metrics=[metrics_lib.streaming_map_metric(data.num_classes)])
   history_path = tf.io.gfile.join(stage_dir, "history.csv")
@@ -350,8 +441,18 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
       keras.callbacks.TensorBoard(tf.io.gfile.join(stage_dir, "logs")),
       *extra_callbacks,
   ]
-  model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks,
-            verbose=config.verbose)
+  # Keras 3.6's fit() under a model-level strategy first takes one batch from the training
+  # iterator to build the model symbolically: that batch is never trained on (the stream
+  # shifts by one batch), and under MultiWorkerMirroredStrategy its all-reduce fails
+  # ("Attempt to convert a value (PerReplica...)"). The models here are built already;
+  # without a model-level strategy Keras defers the rest (optimizer, metrics) to the first
+  # traced step and takes the strategy from the enclosing scope, as Keras 2 did.
+  model._distribute_strategy = None  # pylint: disable=protected-access
+  if num_workers > 1:
+    _patch_keras_multi_worker_reduce()  # the per-step logs reduction, see there
+  with strategy.scope():
+    model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks,
+              verbose=config.verbose)
   if config.model_selection == "best" and tf.io.gfile.exists(best_path):
     model.load_weights(best_path)
   best = _best_so_far(history_path)
@@ -381,11 +482,13 @@ def _train(config, extra_callbacks):
   if config.model_selection not in ("best", "last"):
     raise ValueError("model_selection must be best or last. "
                      f"Received: {config.model_selection!r}")
+  # First: MultiWorkerMirroredStrategy must configure collectives before any TF op runs.
+  strategy = get_strategy(config.strategy)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
   data = load_data(config)
-  strategy = get_strategy(config.strategy)
+  config = dataclasses.replace(config, model_dir=_worker_model_dir(config, strategy))
   logging.info("Training %s model on %d replica(s), %d training files, %d validation files.",
                config.kind, strategy.num_replicas_in_sync, len(data.train_files),
                len(data.validation_files))

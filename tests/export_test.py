@@ -95,7 +95,7 @@ def test_in_graph_checks(exported):
 # a wrong rank fails inside the graph with TensorFlow's own message (it cannot be checked
 # in-graph: the rank is folded from the signature), still an error and never an output.
 _DTYPE = ((TypeError, ValueError, tf.errors.InvalidArgumentError), "float tensor|cast")
-_RANK = ((TypeError, ValueError, tf.errors.InvalidArgumentError), "")
+_RANK = ((TypeError, ValueError, tf.errors.InvalidArgumentError), None)
 _W = tf.zeros([1, 16000])
 _E = tf.zeros([1, 8])
 _BAD_REQUESTS = {
