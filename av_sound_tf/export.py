@@ -38,13 +38,9 @@ DEFAULT_MAX_SECONDS = 600.0
 VERIFY_ATOL = 1e-4
 
 
-def variable_length(audio_model: models.MILConvNet) -> keras.Model:
+def variable_length(audio_model: keras.Model) -> keras.Model:
   """The same audio model for any number of frames, with clip and segment outputs."""
-  config = audio_model.get_config()
-  config["num_frames"] = None
-  rebuilt = models.MILConvNet.from_config(config)
-  rebuilt.set_weights(audio_model.get_weights())
-  return models.with_segment_scores(rebuilt)
+  return models.with_segment_scores(models.any_length(audio_model))
 
 
 class AudioTagger:
@@ -181,8 +177,9 @@ def export_saved_model(audio_model_path: str, labels_path: str, export_base: str
   if bool(visual_model_path) != bool(fusion_model_path):
     raise ValueError("tag_audiovisual needs both a visual model and a fusion model.")
   audio = keras.models.load_model(audio_model_path, safe_mode=True)
-  if not isinstance(audio, models.MILConvNet):
-    raise ValueError(f"{audio_model_path} is not an audio MIL ConvNet (bin/train_audio).")
+  if not isinstance(audio, models.AUDIO_MODELS):
+    raise ValueError(f"{audio_model_path} is not an audio MIL model (bin/train_audio, "
+                     "bin/distill).")
   visual = keras.models.load_model(visual_model_path, safe_mode=True) if visual_model_path \
       else None
   fusion_model = keras.models.load_model(fusion_model_path, safe_mode=True) if \

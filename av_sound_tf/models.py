@@ -96,15 +96,15 @@ class MILAggregation(keras.layers.Layer):
     return config
 
 
-def _conv_bn_relu(x, filters, kernel, name, padding="same"):
+def _conv_bn_relu(x, filters, kernel, name, padding="same", momentum=0.99):
   x = layers.Conv2D(filters, kernel, padding=padding, use_bias=False, name=f"{name}_conv")(x)
-  x = layers.BatchNormalization(name=f"{name}_bn")(x)
+  x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn")(x)
   return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def _dense_bn_relu(x, units, name):
+def _dense_bn_relu(x, units, name, momentum=0.99):
   x = layers.Dense(units, use_bias=False, name=f"{name}_dense")(x)
-  x = layers.BatchNormalization(name=f"{name}_bn")(x)
+  x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn")(x)
   return layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -248,6 +248,139 @@ class EmbeddingMIL(_ConfigModel):
     self.aggregation = aggregation
 
 
+# MobileMIL: (filters, stride) of the depthwise-separable blocks after the stem. The four
+# stride-2 blocks and the stem divide time and frequency by 32, as Table 1's poolings do, so
+# segments, MIN_FRAMES and segment times are the same for both audio models.
+MOBILE_STEM = 32
+MOBILE_BLOCKS = ((64, 2), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+                 (512, 1))
+MOBILE_HEAD = 512
+# Batch-norm momentum of MobileMIL. With Keras' 0.99 the moving statistics of its 19
+# normalizations (depthwise ones have variances near 0.03, against the initial 1) still
+# carry ~5 % of their initial values after 300 steps, and the errors compound: on the demo
+# data the eval-mode student scored 0.30 mAP on its own training clips, 0.81 in train mode.
+MOBILE_BN_MOMENTUM = 0.9
+
+
+def _separable(x, filters, stride, name, kernel=3, padding="same"):
+  """MobileNet v1 block: depthwise conv-BN-ReLU, then pointwise conv-BN-ReLU."""
+  x = layers.DepthwiseConv2D(kernel, strides=stride, padding=padding, use_bias=False,
+                             name=f"{name}_dw")(x)
+  x = layers.BatchNormalization(momentum=MOBILE_BN_MOMENTUM, name=f"{name}_dw_bn")(x)
+  x = layers.ReLU(name=f"{name}_dw_relu")(x)
+  return _conv_bn_relu(x, filters, 1, f"{name}_pw", momentum=MOBILE_BN_MOMENTUM)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TrimFrames(keras.layers.Layer):
+  """Drops trailing frames so that their number is a multiple of `multiple`.
+
+  Strided 'same' convolutions round up where Table 1's poolings round down; trimming first
+  gives MobileMIL exactly `num_segments(frames)` segments, like MILConvNet (whose pooling
+  also ignores the same trailing frames).
+  """
+
+  def __init__(self, multiple=FRAMES_PER_SEGMENT, **kwargs):
+    super().__init__(**kwargs)
+    self.multiple = multiple
+
+  def call(self, x):
+    keep = (ops.shape(x)[1] // self.multiple) * self.multiple
+    return x[:, :keep]
+
+  def compute_output_shape(self, input_shape):
+    frames = input_shape[1]
+    return (input_shape[0], None if frames is None else frames // self.multiple *
+            self.multiple, *input_shape[2:])
+
+  def get_config(self):
+    return {**super().get_config(), "multiple": self.multiple}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MobileMIL(_ConfigModel):
+  """A compact audio MIL network for phones: MobileNet-style depthwise-separable blocks
+  (as in YAMNet and EfficientAT), the same log-mel input and MIL head as `MILConvNet`.
+
+  Stem: 3x3 conv, stride 2. Then `MOBILE_BLOCKS` (each stride-2 block halves time and
+  frequency). Segments: a 3x2 depthwise-separable conv without padding over the last 3 x 2
+  cells (one segment per 32 frames, minus two: the geometry of Table 1's B5), one dense
+  layer, and the sigmoid segment scores pooled by g().
+
+  At width 1.0 with C = 527: 1.35 M parameters and 0.27 GFLOP per 10 s clip (1001
+  frames), against 14.68 M and 10.7 GFLOP for Table 1 (`count_flops`;
+  tests/distill_test.py).
+
+  Args:
+    num_classes: C.
+    num_mel_bins: 64 (the frequency axis is divided by 32).
+    num_frames: fixed input length or None for any length >= 96.
+    width: multiplier on every filter count.
+    aggregation: g(), one of `AGGREGATIONS`.
+  """
+
+  _CONFIG_KEYS = ("num_classes", "num_mel_bins", "num_frames", "width", "aggregation")
+
+  def __init__(self, num_classes=527, num_mel_bins=64, num_frames=None, width=1.0,
+               aggregation="average", **kwargs):
+    if num_frames is not None and num_frames < MIN_FRAMES:
+      raise ValueError(f"num_frames must be >= {MIN_FRAMES}. Received: num_frames={num_frames}")
+    if num_mel_bins != 64:
+      raise ValueError(f"num_mel_bins must be 64. Received: {num_mel_bins}")
+    log_mel = keras.Input((num_frames, num_mel_bins), name="log_mel")
+    x = TrimFrames(FRAMES_PER_SEGMENT, name="trim_frames")(log_mel)
+    x = layers.Reshape((-1, num_mel_bins, 1), name="add_channel")(x)
+    x = layers.Conv2D(_scaled(MOBILE_STEM, width), 3, strides=2, padding="same",
+                      use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(momentum=MOBILE_BN_MOMENTUM, name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    for i, (filters, stride) in enumerate(MOBILE_BLOCKS):
+      x = _separable(x, _scaled(filters, width), stride, f"block{i + 1}")
+    head = _scaled(MOBILE_HEAD, width)
+    x = _separable(x, head, 1, "segment", kernel=B5_KERNEL, padding="valid")
+    x = layers.Reshape((-1, head), name="segments")(x)  # [B, S, F]
+    features = _dense_bn_relu(x, head, "instance", momentum=MOBILE_BN_MOMENTUM)
+    clip_scores = _mil_head(features, num_classes, aggregation)
+    super().__init__(inputs=log_mel, outputs=clip_scores, **kwargs)
+    self.num_classes = num_classes
+    self.num_mel_bins = num_mel_bins
+    self.num_frames = num_frames
+    self.width = width
+    self.aggregation = aggregation
+
+
+AUDIO_MODELS = (MILConvNet, MobileMIL)  # log-mel in, clip and segment scores out
+AUDIO_ARCHITECTURES = {"mil_convnet": MILConvNet, "mobile_mil": MobileMIL}
+
+
+def any_length(audio_model: keras.Model) -> keras.Model:
+  """The same audio model (any of `AUDIO_MODELS`, same weights) for any number of frames."""
+  config = audio_model.get_config()
+  config["num_frames"] = None
+  rebuilt = audio_model.__class__.from_config(config)
+  rebuilt.set_weights(audio_model.get_weights())
+  return rebuilt
+
+
+def count_flops(model: keras.Model, num_frames: int = 1001) -> dict:
+  """Floating-point operations (multiply and add counted separately) of one forward pass
+  for one clip of `num_frames` log-mel frames (1001 = 10 s), by TensorFlow's graph
+  profiler, and the parameter count."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top
+  config = model.get_config()
+  config["num_frames"] = num_frames
+  fixed = model.__class__.from_config(config)
+  fn = tf.function(lambda x: fixed(x, training=False)).get_concrete_function(
+      tf.TensorSpec([1, num_frames, model.input.shape[-1]], tf.float32))
+  frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
+  options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+  options["output"] = "none"
+  profile = tf.compat.v1.profiler.profile(graph=frozen.graph, options=options)
+  return {"flops": int(profile.total_float_ops), "parameters": int(model.count_params()),
+          "num_frames": num_frames}
+
+
 def with_segment_scores(model: keras.Model) -> keras.Model:
   """A view of a MIL model that returns {"clip_scores", "segment_scores"} (shared weights)."""
   return keras.Model(model.input, {
@@ -257,11 +390,14 @@ def with_segment_scores(model: keras.Model) -> keras.Model:
 
 
 def build_model(kind: str, num_classes: int, **kwargs) -> keras.Model:
-  """Model factory by name: ``audio``, ``visual`` or ``embedding``."""
+  """Model factory by name: ``audio``, ``student`` (MobileMIL), ``visual`` or ``embedding``."""
   if kind == "audio":
     return MILConvNet(num_classes=num_classes, **kwargs)
+  if kind == "student":
+    return MobileMIL(num_classes=num_classes, **kwargs)
   if kind == "visual":
     return VisualDNN(num_classes=num_classes, **kwargs)
   if kind == "embedding":
     return EmbeddingMIL(num_classes=num_classes, **kwargs)
-  raise ValueError(f"Unknown model kind. Expected audio, visual or embedding. Received: {kind!r}")
+  raise ValueError("Unknown model kind. Expected audio, student, visual or embedding. "
+                   f"Received: {kind!r}")

@@ -52,7 +52,9 @@ class InputConfig:
   kind: ``audio`` (log-mel [num_frames, num_mel_bins]), ``visual`` (mean frame embedding
     [embedding_dim]), ``embedding`` (AudioSet's released VGGish features
     [num_instances, 128]) or ``audiovisual`` (a dict of log_mel, embedding_mean, has_audio,
-    has_video: both models' inputs for fusion, nothing filtered).
+    has_video: both models' inputs for fusion; nothing filtered unless require_audio, which
+    drops clips without audio, as an audio student trained against an audiovisual teacher
+    needs).
   """
 
   kind: str
@@ -70,6 +72,7 @@ class InputConfig:
   time_mask: int = 0
   freq_mask: int = 0
   cycle_length: int = 8
+  require_audio: bool = False  # audiovisual only
   log_floor: float = float(np.log(features_lib.DEFAULT_PARAMS.log_offset))
 
   def __post_init__(self):
@@ -121,6 +124,8 @@ def _keep_fn(config):
     return lambda ex: ex["has_audio"] > 0
   if config.kind == "visual":
     return lambda ex: ex["has_video"] > 0
+  if config.kind == "audiovisual" and config.require_audio:
+    return lambda ex: ex["has_audio"] > 0
   return None
 
 

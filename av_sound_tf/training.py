@@ -126,6 +126,15 @@ class TrainConfig:
   model_selection: str = "best"  # best: highest val_mAP epoch; last: the final weights
   secost_stages: int = 0
   secost_alpha: float = 0.5
+  # The audio network: mil_convnet (Table 1) or mobile_mil (the compact on-device student).
+  architecture: str = "mil_convnet"
+  # Knowledge distillation (bin/distill): an audio teacher, or audio + visual + fusion
+  # models whose fused scores teach an audio-only student.
+  teacher_audio_model: str = ""
+  teacher_visual_model: str = ""
+  teacher_fusion_model: str = ""
+  distill_alpha: float = 0.5  # weight of the labels; 1 - alpha goes to the teacher
+  distill_temperature: float = 1.0
   verbose: int = 1
 
   def to_dict(self):
@@ -135,23 +144,47 @@ class TrainConfig:
     return d
 
 
-class CoSupervised(keras.Model):
-  """A student trained on alpha * labels + (1 - alpha) * teacher scores (SeCoST)."""
+class Distiller(keras.Model):
+  """Trains `student` on alpha * L(y, p) + (1 - alpha) * T^2 * L(q_T, p_T).
 
-  def __init__(self, student, teacher, alpha, **kwargs):
+  L is the compiled loss (binary cross-entropy), p the student's and q the teacher's clip
+  scores, and x_T = sigmoid(logit(x) / T) softens both (Hinton et al. 2015, per class for
+  sigmoid outputs; T^2 keeps the gradient scale). With T = 1 this is L against
+  alpha * y + (1 - alpha) * q, SeCoST's target (the loss is linear in the target).
+
+  The student sees only the log-mel: when the input is a dict (an audiovisual teacher's
+  inputs), its "log_mel" entry.
+  """
+
+  def __init__(self, student, teacher, alpha, temperature=1.0, **kwargs):
     super().__init__(**kwargs)
+    if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+      raise ValueError(f"Need 0 <= alpha <= 1 and temperature > 0. Received: alpha={alpha}, "
+                       f"temperature={temperature}")
     self.student = student
     self.teacher = teacher
     self.teacher.trainable = False
     self.alpha = alpha
+    self.temperature = temperature
 
   def call(self, x, training=False):
-    return self.student(x, training=training)
+    return self.student(x["log_mel"] if isinstance(x, dict) else x, training=training)
+
+  def _soften(self, p):
+    if self.temperature == 1.0:
+      return p
+    p = ops.clip(p, 1e-7, 1.0 - 1e-7)
+    return ops.sigmoid((ops.log(p) - ops.log1p(-p)) / self.temperature)
 
   def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
     soft = ops.stop_gradient(self.teacher(x, training=False))
-    target = self.alpha * y + (1.0 - self.alpha) * soft
-    return super().compute_loss(x, target, y_pred, sample_weight, training)
+    if self.temperature == 1.0:  # one loss call: SeCoST's mixed target
+      target = self.alpha * y + (1.0 - self.alpha) * soft
+      return super().compute_loss(x, target, y_pred, sample_weight, training)
+    hard = super().compute_loss(x, y, y_pred, sample_weight, training)
+    distill = super().compute_loss(x, self._soften(soft), self._soften(y_pred), sample_weight,
+                                   training)
+    return self.alpha * hard + (1.0 - self.alpha) * self.temperature ** 2 * distill
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -269,12 +302,60 @@ def input_config(config: TrainConfig, data: _Data, batch_size=None) -> pipeline.
 
 def build_model(config: TrainConfig, data: _Data) -> keras.Model:
   if config.kind == "audio":
-    return models.MILConvNet(num_classes=data.num_classes, num_frames=config.num_frames,
-                             width=config.width, aggregation=config.aggregation)
+    if config.architecture not in models.AUDIO_ARCHITECTURES:
+      raise ValueError(f"Unknown architecture {config.architecture!r}; use one of "
+                       f"{sorted(models.AUDIO_ARCHITECTURES)}.")
+    return models.AUDIO_ARCHITECTURES[config.architecture](
+        num_classes=data.num_classes, num_frames=config.num_frames, width=config.width,
+        aggregation=config.aggregation)
   if config.kind == "visual":
     return models.VisualDNN(num_classes=data.num_classes, embedding_dim=data.embedding_dim,
                             width=config.width, dropout=config.dropout)
   return models.EmbeddingMIL(num_classes=data.num_classes, aggregation=config.aggregation)
+
+
+def _load(path, what):
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"{what} not found: {path}")
+  return keras.models.load_model(path, safe_mode=True)
+
+
+def distillation_teacher(config: TrainConfig, data: _Data) -> Optional[keras.Model]:
+  """The teacher of bin/distill, or None.
+
+  Audio teacher: its clip scores for the student's log-mel crop. Audiovisual teacher: the
+  fusion model over the audio model's scores for that crop and the visual model's scores
+  for the clip's mean frame embedding, with the presence flags (a clip without video gets
+  the fusion model's audio-only fallback).
+  """
+  if not config.teacher_audio_model:
+    if config.teacher_visual_model or config.teacher_fusion_model:
+      raise ValueError("A distillation teacher needs --teacher_audio_model.")
+    return None
+  audio = models.any_length(_load(config.teacher_audio_model, "Teacher audio model"))
+  if not (config.teacher_visual_model or config.teacher_fusion_model):
+    return audio
+  if not (config.teacher_visual_model and config.teacher_fusion_model):
+    raise ValueError("An audiovisual teacher needs --teacher_visual_model and "
+                     "--teacher_fusion_model (and --teacher_audio_model).")
+  visual = _load(config.teacher_visual_model, "Teacher visual model")
+  fusion_model = _load(config.teacher_fusion_model, "Teacher fusion model")
+  for model, what in ((audio, "audio"), (visual, "visual"), (fusion_model, "fusion")):
+    if model.output.shape[-1] != data.num_classes:
+      raise ValueError(f"The teacher {what} model predicts {model.output.shape[-1]} classes; "
+                       f"the data has {data.num_classes}.")
+  inputs = {
+      "log_mel": keras.Input((None, audio.input.shape[-1]), name="log_mel"),
+      "embedding_mean": keras.Input((data.embedding_dim,), name="embedding_mean"),
+      "has_audio": keras.Input((), dtype="int64", name="has_audio"),
+      "has_video": keras.Input((), dtype="int64", name="has_video"),
+  }
+  present = lambda flag: ops.expand_dims(ops.cast(flag, "float32"), -1)  # pylint: disable=unnecessary-lambda-assignment
+  fused = fusion_model({
+      "h_audio": audio(inputs["log_mel"]), "h_visual": visual(inputs["embedding_mean"]),
+      "audio_present": present(inputs["has_audio"]),
+      "visual_present": present(inputs["has_video"])})
+  return keras.Model(inputs, fused, name="audiovisual_teacher")
 
 
 def _best_so_far(history_path):
@@ -383,6 +464,9 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
   tf.io.gfile.makedirs(stage_dir)
   keras.utils.set_random_seed(config.seed + 1000 * stage)  # fresh init for each student
   in_cfg = input_config(config, data)
+  train_cfg = in_cfg
+  if config.teacher_fusion_model:  # the audiovisual teacher needs both models' inputs
+    train_cfg = dataclasses.replace(in_cfg, kind="audiovisual", require_audio=True)
   steps = config.steps_per_epoch or max(1, data.num_examples // config.batch_size)
   if not data.num_examples and not config.steps_per_epoch:
     raise ValueError("--steps_per_epoch is required when the number of training examples "
@@ -403,7 +487,7 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
     logging.info("Input pipeline %d of %d.", context.input_pipeline_id, num_workers)
     # This pipeline's share of the records is not counted, so a resume starts at the
     # epoch's pass: exact when an epoch is one pass (the default steps_per_epoch).
-    train_ds = pipeline.train_dataset(data.train_files, in_cfg, initial_epoch=initial_epoch,
+    train_ds = pipeline.train_dataset(data.train_files, train_cfg, initial_epoch=initial_epoch,
                                       steps_per_epoch=steps, class_counts=data.class_counts,
                                       input_context=context,
                                       balance_examples=data.num_examples)
@@ -412,19 +496,24 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
         tf.data.experimental.AutoShardPolicy.OFF)
     train_ds = train_ds.with_options(options)
   else:
-    train_ds = pipeline.train_dataset(data.train_files, in_cfg,
+    train_ds = pipeline.train_dataset(data.train_files, train_cfg,
                                       num_examples=data.num_examples,
                                       initial_epoch=initial_epoch, steps_per_epoch=steps,
                                       class_counts=data.class_counts)
   val_ds = pipeline.eval_dataset(data.validation_files, in_cfg)
   with strategy.scope():
     student = build_model(config, data)
-    if teacher_path:
+    distill_teacher = distillation_teacher(config, data)
+    model = student
+    if teacher_path:  # a SeCoST stage: the previous stage teaches
       teacher = keras.models.load_model(teacher_path, safe_mode=True)
-      model = CoSupervised(student, teacher, config.secost_alpha)
-      model.build(student.input_shape)
-    else:
-      model = student
+      model = Distiller(student, teacher, config.secost_alpha)
+    elif distill_teacher is not None:
+      model = Distiller(student, distill_teacher, config.distill_alpha,
+                        config.distill_temperature)
+    if model is not student:  # build it (BackupAndRestore wants a built model)
+      spec = train_ds.element_spec[0]
+      model(tf.nest.map_structure(lambda s: tf.zeros([1, *s.shape[1:]], s.dtype), spec))
     model.compile(optimizer=ReplicaMeanAdam(learning_rate(config, steps)),
                   loss=keras.losses.BinaryCrossentropy(),
                   metrics=[metrics_lib.streaming_map_metric(data.num_classes)])
@@ -482,6 +571,8 @@ def _train(config, extra_callbacks):
   if config.model_selection not in ("best", "last"):
     raise ValueError("model_selection must be best or last. "
                      f"Received: {config.model_selection!r}")
+  if config.secost_stages and config.teacher_audio_model:
+    raise ValueError("SeCoST stages and a distillation teacher cannot be combined.")
   # First: MultiWorkerMirroredStrategy must configure collectives before any TF op runs.
   strategy = get_strategy(config.strategy)
   if config.deterministic:

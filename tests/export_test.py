@@ -160,7 +160,7 @@ def test_next_version_and_errors(exported, tmp_path):
   with pytest.raises(ValueError, match="both a visual model and a fusion model"):
     export.export_saved_model(paths["audio"], paths["labels"], base,
                               visual_model_path=paths["visual"])
-  with pytest.raises(ValueError, match="not an audio MIL ConvNet"):
+  with pytest.raises(ValueError, match="not an audio MIL model"):
     export.export_saved_model(paths["visual"], paths["labels"], base)
   with pytest.raises(FileNotFoundError):
     export.export_saved_model(str(tmp_path / "none.keras"), paths["labels"], base)

@@ -1,4 +1,5 @@
-"""TFLite tagger: conversion of every variant and parity with the SavedModel on ESC-10."""
+"""TFLite tagger: conversion of every variant and parity with the SavedModel on ESC-10, for
+both audio architectures (the paper's model and the on-device student)."""
 
 import glob
 import os
@@ -17,8 +18,8 @@ from data_prep import prepare
 from tests.conftest import shared_path
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(models.AUDIO_ARCHITECTURES))
+def converted(tmp_path_factory, request):
   tmp = tmp_path_factory.mktemp("tflite")
   esc = shared_path("esc10")
   rows = ["path,labels"] + [f"{p},{p.split('/')[-2][6:]}" for p in
@@ -28,8 +29,8 @@ def converted(tmp_path_factory):
   found = inputs.from_file_list(str(tmp / "list.csv"))
   prepare.prepare(found, prepare.PrepareConfig(output_dir=data, num_shards=1), num_workers=0)
   keras.utils.set_random_seed(0)
-  model = models.MILConvNet(num_classes=found.label_map.num_classes, num_frames=128,
-                            width=0.125)
+  model = models.AUDIO_ARCHITECTURES[request.param](
+      num_classes=found.label_map.num_classes, num_frames=128, width=0.125)
   model_path = str(tmp / "audio.keras")
   model.save(model_path)
   labels_path = os.path.join(data, "class_labels_indices.csv")

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Distillation into the on-device student: accuracy against the teachers and against the
+same student trained on labels only.
+
+  # the demo's data and models (make demo first): audiovisual and audio-only teachers
+  .venv/bin/python benchmarks/distill_benchmark.py --demo_dir=demo_out --out=out/distill
+  # ESC-10 (make bench-esc10 first): the audio teacher of each fold
+  .venv/bin/python benchmarks/distill_benchmark.py --esc10_dir=out/esc10_bench \
+      --folds=1,2,3,4,5 --out=out/distill
+
+Every student has the same architecture, width, epochs and seed; only the teacher (none,
+audio, audiovisual) differs. Finished runs are kept when rerun. Prints markdown tables and
+writes them to <out>/distill_report.md. Not a test.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+import keras  # pylint: disable=g-import-not-at-top
+
+from av_sound_tf import evaluation  # pylint: disable=g-import-not-at-top
+from av_sound_tf import files  # pylint: disable=g-import-not-at-top
+from av_sound_tf import models  # pylint: disable=g-import-not-at-top
+from av_sound_tf import training  # pylint: disable=g-import-not-at-top
+
+flags.DEFINE_string("demo_dir", "", "Output folder of make demo (prepared/, audio/, visual/, "
+                    "fusion/).")
+flags.DEFINE_string("esc10_dir", "", "Output folder of make bench-esc10 (prepared/, foldK/).")
+flags.DEFINE_list("folds", ["5"], "ESC-10 test folds.")
+flags.DEFINE_string("out", "out/distill", "Where students and the report go.")
+flags.DEFINE_float("width", 0.5, "Student width.")
+flags.DEFINE_integer("demo_epochs", 40, "Student epochs on the demo data.")
+flags.DEFINE_integer("esc10_epochs", 80, "Student epochs on ESC-10.")
+flags.DEFINE_float("alpha", 0.5, "Weight of the labels against the teacher.")
+flags.DEFINE_float("temperature", 2.0, "Distillation temperature.")
+flags.DEFINE_string("fusion", "attention", "The demo fusion model that teaches (fusion/<name>).")
+FLAGS = flags.FLAGS
+
+
+def _student(name, out, teacher=None, **kw):
+  model_dir = os.path.join(out, name)
+  if not os.path.exists(os.path.join(model_dir, "validation_metrics.json")):
+    teacher = teacher or {}
+    training.train(training.TrainConfig(
+        kind="audio", architecture="mobile_mil", model_dir=model_dir, width=FLAGS.width,
+        strategy="default", verbose=2, distill_alpha=FLAGS.alpha,
+        distill_temperature=FLAGS.temperature, **teacher, **kw))
+  return os.path.join(model_dir, "model.keras")
+
+
+def _eval(model_path, data_dir, split, out):
+  return evaluation.evaluate_model(model_path, data_dir, [split], out)
+
+
+def demo(out):
+  d = FLAGS.demo_dir
+  data = os.path.join(d, "prepared")
+  common = dict(data_dir=data, train_splits=("train",), validation_splits=("validation",),
+                num_frames=288, epochs=FLAGS.demo_epochs)
+  audio_t = os.path.join(d, "audio", "model.keras")
+  av_teacher = dict(teacher_audio_model=audio_t,
+                    teacher_visual_model=os.path.join(d, "visual", "model.keras"),
+                    teacher_fusion_model=os.path.join(d, "fusion", FLAGS.fusion, "model.keras"))
+  runs = {
+      "student, labels only": _student("demo_labels", out, **common),
+      "student, audio teacher": _student("demo_audio_teacher", out,
+                                         dict(teacher_audio_model=audio_t), **common),
+      f"student, audiovisual teacher ({FLAGS.fusion} fusion)": _student(
+          "demo_av_teacher", out, av_teacher, **common),
+  }
+  rows = []
+  teacher_audio = _eval(audio_t, data, "eval", os.path.join(out, "eval_demo_teacher_audio"))
+  rows.append(("teacher: audio model (Table 1, width 0.125)", teacher_audio["mAP"],
+               models.count_flops(keras.models.load_model(audio_t))))
+  fused = os.path.join(d, "report", "report.md")
+  for name, path in runs.items():
+    s = _eval(path, data, "eval", os.path.join(out, "eval_" + os.path.basename(
+        os.path.dirname(path))))
+    rows.append((name, s["mAP"], models.count_flops(keras.models.load_model(path))))
+  lines = ["| model (demo eval split, 150 clips) | eval mAP | parameters | GFLOP per 10 s |",
+           "|---|---|---|---|"]
+  lines += [f"| {n} | {100 * m:.2f} | {f['parameters']:,} | {f['flops'] / 1e9:.3f} |"
+            for n, m, f in rows]
+  lines.append(f"\nThe audiovisual teacher's own eval mAP is in {fused} "
+               f"({FLAGS.fusion} fusion).")
+  return "\n".join(lines)
+
+
+def esc10(out):
+  d = FLAGS.esc10_dir
+  data = os.path.join(d, "prepared")
+  with open(os.path.join(d, "settings.json")) as f:
+    settings = json.load(f)
+  lines = ["| fold | teacher accuracy / mAP | student, labels only | student, audio teacher |",
+           "|---|---|---|---|"]
+  for k in FLAGS.folds:
+    teacher = os.path.join(d, f"fold{k}", "model.keras")
+    common = dict(data_dir=data, validation_splits=(k,), model_selection="last",
+                  train_splits=tuple(str(f) for f in range(1, 6) if str(f) != k),
+                  num_frames=settings["num_frames"], epochs=FLAGS.esc10_epochs,
+                  lr_schedule=settings.get("lr_schedule", "constant"),
+                  mixup_alpha=settings.get("mixup_alpha", 0.0),
+                  time_mask=settings.get("time_mask", 0), freq_mask=settings.get("freq_mask", 0))
+    results = [_eval(teacher, data, k, os.path.join(out, f"eval_esc_teacher{k}"))]
+    for name, t in (("labels", None), ("audio_teacher", dict(teacher_audio_model=teacher))):
+      path = _student(f"esc10_fold{k}_{name}", out, t, **common)
+      results.append(_eval(path, data, k, os.path.join(out, f"eval_esc_{name}{k}")))
+    lines.append(f"| {k} | " + " | ".join(
+        f"{100 * r['accuracy']:.2f} % / {100 * r['mAP']:.2f}" for r in results) + " |")
+  return "\n".join(lines)
+
+
+def main(_):
+  if not (FLAGS.demo_dir or FLAGS.esc10_dir):
+    raise app.UsageError("Give --demo_dir and/or --esc10_dir.")
+  os.makedirs(FLAGS.out, exist_ok=True)
+  parts = [f"Students: mobile_mil width {FLAGS.width}, alpha {FLAGS.alpha}, temperature "
+           f"{FLAGS.temperature}."]
+  if FLAGS.demo_dir:
+    parts.append(demo(FLAGS.out))
+  if FLAGS.esc10_dir:
+    parts.append(esc10(FLAGS.out))
+  report = "\n\n".join(parts)
+  files.write_text(os.path.join(FLAGS.out, "distill_report.md"), report + "\n")
+  print(report)
+
+
+if __name__ == "__main__":
+  app.run(main)
