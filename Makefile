@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?= -n 2 --dist loadfile
 
-.PHONY: install test test-slow demo bench bench-esc10 clean
+.PHONY: install test test-slow demo bench bench-esc10 bench-distill clean
 
 install: $(STAMP)
 
@@ -30,9 +30,17 @@ bench: install
 	$(PY) benchmarks/train_benchmark.py
 	$(PY) benchmarks/train_benchmark.py --precision=mixed_bfloat16
 	$(PY) benchmarks/tflite_benchmark.py
+	$(PY) benchmarks/tflite_benchmark.py --architecture=mobile_mil
+	$(PY) benchmarks/shard_check_benchmark.py
+	$(PY) benchmarks/scaling_benchmark.py
 
 bench-esc10: install
 	$(PY) bin/bench_esc10 --output_dir=out/esc10_bench
+
+# The on-device student against its teachers (needs the demo's and the ESC-10 run's models).
+bench-distill: demo bench-esc10
+	$(PY) benchmarks/distill_benchmark.py --demo_dir=demo_out --esc10_dir=out/esc10_bench \
+	    --folds=1,2,3,4,5 --out=out/distill
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -217,11 +217,12 @@ class FileListRow:
   extra: Dict[str, str]
 
 
-def read_file_list(path, label_column="labels", path_column="path"):
+def read_file_list(path, label_column="labels", path_column="path", allow_unlabeled=False):
   """Reads a CSV with a header holding at least a path column and a labels column.
 
   Labels are MIDs or class names separated by ',' or ';'. Relative paths are taken
-  relative to the CSV's folder.
+  relative to the CSV's folder. An empty label list is a problem unless `allow_unlabeled`
+  (clips for distillation, whose targets come from a teacher).
 
   Returns:
     (rows, problems).
@@ -248,7 +249,7 @@ def read_file_list(path, label_column="labels", path_column="path"):
     if not (os.path.isabs(media) or "://" in media):
       media = os.path.join(base, media)
     labels = split_labels(row[label_column])
-    if not labels:
+    if not labels and not allow_unlabeled:
       problems.append(RowProblem(path, line_no, "empty label list"))
       continue
     extra = {k: v for k, v in row.items() if k not in (path_column, label_column)}

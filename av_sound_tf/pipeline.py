@@ -277,7 +277,9 @@ def train_dataset(files: Sequence[str], config: InputConfig, num_examples: Optio
   def to_features(i, ex):
     seed = tf.stack([tf.cast(config.seed, tf.int64), i])
     x = _features(ex, config, True, seed)
-    y = ex["labels"]
+    # An unlabeled clip (prepared with --allow_unlabeled) gets targets of -1: only a
+    # distillation loss, which masks them, may train on it.
+    y = tf.where(ex["labeled"] > 0, ex["labels"], -tf.ones_like(ex["labels"]))
     if terms is None:
       return x, y
     w = tf.where(tf.reduce_sum(y) > 0, tf.reduce_sum(y * terms), 1.0)

@@ -57,6 +57,8 @@ FEATURE_SPEC = {
     "embedding_dim": tf.io.FixedLenFeature([], tf.int64, default_value=0),
     "frame_embeddings": tf.io.FixedLenFeature([], tf.string, default_value=""),
     "num_video_frames": tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    # 0 for a clip without labels (targets from a distillation teacher); absent = 1.
+    "labeled": tf.io.FixedLenFeature([], tf.int64, default_value=1),
 }
 
 
@@ -82,13 +84,15 @@ def make_example(clip_id: str,
                  log_mel: Optional[np.ndarray] = None,
                  embedding_mean: Optional[np.ndarray] = None,
                  frame_embeddings: Optional[np.ndarray] = None,
-                 num_video_frames: int = 0) -> tf.train.Example:
+                 num_video_frames: int = 0,
+                 labeled: bool = True) -> tf.train.Example:
   """Builds the `tf.train.Example` for one clip (see the module docstring for the keys).
 
   Args:
     log_mel: float [frames, mel_bins], or None when the clip has no audio.
     embedding_mean: float [dim], or None when the clip has no video.
     frame_embeddings: optional float [num_video_frames, dim], stored as float16.
+    labeled: False for a clip without labels (written as labeled=0).
   """
   feature = {
       "schema_version": _int64([SCHEMA_VERSION]),
@@ -102,6 +106,8 @@ def make_example(clip_id: str,
       "has_audio": _int64([int(log_mel is not None)]),
       "has_video": _int64([int(embedding_mean is not None)]),
   }
+  if not labeled:
+    feature["labeled"] = _int64([0])
   if log_mel is not None:
     log_mel = np.asarray(log_mel)
     if log_mel.ndim != 2:
@@ -153,7 +159,8 @@ def parse_example(serialized, num_classes: int, num_mel_bins: int = 64,
 
   Returns:
     dict with clip_id, source_path, start/end/duration_seconds, labels (float32 multi-hot
-    [num_classes]), label_indices (int64 [n]), has_audio, has_video, log_mel (float32
+    [num_classes]), label_indices (int64 [n]), has_audio, has_video, labeled (0 for a
+    clip prepared without labels), log_mel (float32
     [frames, num_mel_bins]), num_frames, embedding_mean (float32 [dim]) and, when stored,
     frame_embeddings (float32 [num_video_frames, dim]).
   """
@@ -179,6 +186,7 @@ def parse_example(serialized, num_classes: int, num_mel_bins: int = 64,
       "label_indices": indices,
       "has_audio": p["has_audio"],
       "has_video": p["has_video"],
+      "labeled": p["labeled"],
       "log_mel": log_mel,
       "num_frames": frames,
       "embedding_mean": emb,

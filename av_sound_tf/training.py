@@ -135,12 +135,15 @@ class TrainConfig:
   teacher_fusion_model: str = ""
   distill_alpha: float = 0.5  # weight of the labels; 1 - alpha goes to the teacher
   distill_temperature: float = 1.0
+  # Splits of unlabeled clips (prepare_data --allow_unlabeled) trained on the teacher only.
+  unlabeled_splits: Tuple[str, ...] = ()
   verbose: int = 1
 
   def to_dict(self):
     d = dataclasses.asdict(self)
     d["train_splits"], d["validation_splits"] = list(self.train_splits), list(
         self.validation_splits)
+    d["unlabeled_splits"] = list(self.unlabeled_splits)
     return d
 
 
@@ -153,7 +156,9 @@ class Distiller(keras.Model):
   alpha * y + (1 - alpha) * q, SeCoST's target (the loss is linear in the target).
 
   The student sees only the log-mel: when the input is a dict (an audiovisual teacher's
-  inputs), its "log_mel" entry.
+  inputs), its "log_mel" entry. Unlabeled clips (targets of -1 from the pipeline) get only
+  the teacher term; the label term averages over the whole batch, so it weighs in
+  proportion to the labeled share of the batch.
   """
 
   def __init__(self, student, teacher, alpha, temperature=1.0, **kwargs):
@@ -178,10 +183,9 @@ class Distiller(keras.Model):
 
   def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
     soft = ops.stop_gradient(self.teacher(x, training=False))
-    if self.temperature == 1.0:  # one loss call: SeCoST's mixed target
-      target = self.alpha * y + (1.0 - self.alpha) * soft
-      return super().compute_loss(x, target, y_pred, sample_weight, training)
-    hard = super().compute_loss(x, y, y_pred, sample_weight, training)
+    labeled = ops.cast(y[:, 0] >= 0, y_pred.dtype)  # unlabeled clips carry -1
+    hard_weight = labeled if sample_weight is None else labeled * sample_weight
+    hard = super().compute_loss(x, ops.maximum(y, 0.0), y_pred, hard_weight, training)
     distill = super().compute_loss(x, self._soften(soft), self._soften(y_pred), sample_weight,
                                    training)
     return self.alpha * hard + (1.0 - self.alpha) * self.temperature ** 2 * distill
@@ -247,16 +251,30 @@ def load_data(config: TrainConfig) -> _Data:
     return _Data(train_files, val_files, 0, None, config.num_classes or 527, 0, None)
   info = schema.read_dataset_info(config.data_dir)
   splits = info["splits"]
-  for split in tuple(config.train_splits) + tuple(config.validation_splits):
+  for split in (tuple(config.train_splits) + tuple(config.validation_splits) +
+                tuple(config.unlabeled_splits)):
     if split not in splits:
       raise ValueError(f"Split {split!r} is not in {config.data_dir} (splits: {sorted(splits)})")
-  num_examples = sum(splits[s]["num_examples"] for s in config.train_splits)
+  teacher = config.teacher_audio_model or config.secost_stages
+  for split in tuple(config.train_splits) + tuple(config.validation_splits):
+    if splits[split].get("num_unlabeled") and not (
+        teacher and split in config.train_splits):
+      raise ValueError(f"Split {split!r} holds {splits[split]['num_unlabeled']} unlabeled "
+                       "clips: train on them only with a teacher (bin/distill "
+                       "--unlabeled_splits), never validate on them.")
+  if config.unlabeled_splits and not teacher:
+    raise ValueError("--unlabeled_splits needs a distillation teacher (bin/distill).")
+  if config.unlabeled_splits and config.mixup_alpha:
+    raise ValueError("Mixup cannot mix unlabeled clips' missing labels: drop --mixup_alpha.")
+  num_examples = sum(splits[s]["num_examples"] for s in
+                     tuple(config.train_splits) + tuple(config.unlabeled_splits))
   counts = None
   if all("class_counts" in splits[s] for s in config.train_splits):
     counts = np.sum([splits[s]["class_counts"] for s in config.train_splits], axis=0).tolist()
   label_map = labels_lib.LabelMap.from_csv(
       tf.io.gfile.join(config.data_dir, info.get("labels_file", schema.LABELS_FILE)))
-  train_files = _split_files(config.data_dir, config.train_splits)
+  train_files = _split_files(config.data_dir,
+                             tuple(config.train_splits) + tuple(config.unlabeled_splits))
   val_files = _split_files(config.data_dir, config.validation_splits)
   skipped = []
   if config.verify_shards:

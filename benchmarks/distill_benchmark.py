@@ -40,6 +40,8 @@ flags.DEFINE_integer("esc10_epochs", 80, "Student epochs on ESC-10.")
 flags.DEFINE_float("alpha", 0.5, "Weight of the labels against the teacher.")
 flags.DEFINE_float("temperature", 2.0, "Distillation temperature.")
 flags.DEFINE_string("fusion", "attention", "The demo fusion model that teaches (fusion/<name>).")
+flags.DEFINE_integer("pool", 600, "Unlabeled demo clips (a new seed of the same generator) "
+                     "that the teachers label for the student; 0 skips that part.")
 FLAGS = flags.FLAGS
 
 
@@ -58,6 +60,34 @@ def _eval(model_path, data_dir, split, out):
   return evaluation.evaluate_model(model_path, data_dir, [split], out)
 
 
+def _pooled_data(out):
+  """The demo's labeled clips plus an unlabeled pool, prepared together."""
+  from av_sound_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
+  from data_prep import inputs, prepare, synthetic_av  # pylint: disable=g-import-not-at-top
+  data = os.path.join(out, "pooled_prepared")
+  if os.path.exists(os.path.join(data, "dataset_info.json")):
+    return data
+  pool = os.path.join(out, "pool_media")
+  synthetic_av.write_dataset(pool, {"pool": FLAGS.pool}, seed=1)  # new clips, same design
+  demo_data = os.path.join(FLAGS.demo_dir, "data")
+  rows = ["path,labels,split"]
+  with open(os.path.join(demo_data, "labels.csv")) as f:
+    for line in f.read().splitlines()[1:]:
+      rows.append(os.path.join(os.path.abspath(demo_data), line))
+  for i in range(FLAGS.pool):  # their labels are withheld: an unlabeled pool
+    rows.append(f"{os.path.abspath(pool)}/media/pool_{i:04d}.mp4,,pool")
+  list_path = os.path.join(out, "pooled_list.csv")
+  files.write_text(list_path, "\n".join(rows) + "\n")
+  found = inputs.from_file_list(
+      list_path, labels_lib.LabelMap.from_csv(os.path.join(demo_data,
+                                                           "class_labels_indices.csv")),
+      split_column="split", allow_unlabeled=True)
+  prepare.prepare(found, prepare.PrepareConfig(output_dir=data, modalities=("audio", "visual"),
+                                               embedder="color_layout", image_size=64),
+                  num_workers=os.cpu_count() or 1, overwrite=True, progress_every=30)
+  return data
+
+
 def demo(out):
   d = FLAGS.demo_dir
   data = os.path.join(d, "prepared")
@@ -74,6 +104,12 @@ def demo(out):
       f"student, audiovisual teacher ({FLAGS.fusion} fusion)": _student(
           "demo_av_teacher", out, av_teacher, **common),
   }
+  if FLAGS.pool:
+    pooled = dict(common, data_dir=_pooled_data(out), unlabeled_splits=("pool",))
+    runs[f"student, audio teacher + {FLAGS.pool} unlabeled clips"] = _student(
+        "demo_audio_teacher_pool", out, dict(teacher_audio_model=audio_t), **pooled)
+    runs[f"student, audiovisual teacher + {FLAGS.pool} unlabeled clips"] = _student(
+        "demo_av_teacher_pool", out, av_teacher, **pooled)
   rows = []
   teacher_audio = _eval(audio_t, data, "eval", os.path.join(out, "eval_demo_teacher_audio"))
   rows.append(("teacher: audio model (Table 1, width 0.125)", teacher_audio["mAP"],

@@ -4,7 +4,7 @@
   .venv/bin/python benchmarks/tflite_benchmark.py --data_dir=out/esc10 --split=1 \
       [--audio_model=out/esc10_audio/model.keras] [--window_seconds=1.0]
 
-Without --audio_model it converts the full-size Table-1 model (527 classes, random
+Without --audio_model it converts the full-size model of --architecture (527 classes, random
 weights: latency and size do not depend on the weights). --data_dir provides the int8
 calibration audio (prepared shards whose source files exist). Not a test.
 """
@@ -28,6 +28,9 @@ from av_sound_tf import tflite
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("audio_model", None, "A .keras audio model; default: full-size, random.")
+flags.DEFINE_enum("architecture", "mil_convnet", ["mil_convnet", "mobile_mil"],
+                  "Without --audio_model: the random full-size (width 1, 527 classes) model "
+                  "of this architecture (mobile_mil: the on-device student).")
 flags.DEFINE_string("data_dir", None, "Prepared data for int8 calibration.")
 flags.DEFINE_string("split", "train", "Calibration split.")
 flags.DEFINE_float("window_seconds", 1.0, "TFLite window.")
@@ -41,7 +44,8 @@ def main(argv):
     if not model_path:
       keras.utils.set_random_seed(0)
       model_path = os.path.join(tmp, "full.keras")
-      models.MILConvNet(num_classes=527, num_frames=1024).save(model_path)
+      models.AUDIO_ARCHITECTURES[FLAGS.architecture](num_classes=527,
+                                                     num_frames=1024).save(model_path)
     model = keras.models.load_model(model_path)
     labels_path = os.path.join(tmp, "labels.csv")
     labels.LabelMap([f"/m/{i}" for i in range(model.num_classes)],
@@ -50,7 +54,7 @@ def main(argv):
     paths = tflite.convert(model_path, labels_path, os.path.join(tmp, "out"), variants,
                            FLAGS.window_seconds, FLAGS.data_dir, FLAGS.split,
                            calibration_windows=32)
-    print(f"model: {model_path if FLAGS.audio_model else 'full-size Table 1, 527 classes'} "
+    print(f"model: {model_path if FLAGS.audio_model else FLAGS.architecture + ', width 1, 527 classes'} "
           f"({model.count_params() / 1e6:.2f} M parameters); window {FLAGS.window_seconds} s; "
           f"{os.cpu_count()} CPUs")
     print("variant   size MB   ms/window (1 thread)   ms/window (2 threads)   real-time factor")

@@ -21,8 +21,8 @@ PUBLISHED = (("k-NN (Piczak 2015)", 66.7), ("SVM (Piczak 2015)", 67.5),
 
 
 # Training settings of the benchmark's defaults (bin/bench_esc10 flags override them).
-DEFAULTS = dict(width=0.25, epochs=60, num_frames=512, batch_size=32, learning_rate=1e-3,
-                lr_schedule="constant", mixup_alpha=0.0, time_mask=0, freq_mask=0, seed=0)
+DEFAULTS = dict(width=0.25, epochs=80, num_frames=512, batch_size=32, learning_rate=1e-3,
+                lr_schedule="cosine", mixup_alpha=0.2, time_mask=48, freq_mask=8, seed=0)
 
 
 def run(esc10_dir, out_dir, folds=(1, 2, 3, 4, 5), log=print, **settings) -> dict:

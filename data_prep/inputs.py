@@ -31,6 +31,7 @@ class ClipJob:
   # (a full YouTube video named <YTID>.mp4); "never": the file is the clip.
   trim: str = "never"
   error: str = ""  # a reason known before decoding (unknown labels) -> failed, not decoded
+  labeled: bool = True  # False: an unlabeled clip (--allow_unlabeled), for distillation
 
 
 @dataclasses.dataclass
@@ -85,14 +86,16 @@ def _float_or_none(text):
 
 
 def from_file_list(file_list, label_map=None, ontology=None, label_column="labels",
-                   split_column="", default_split="data") -> Inputs:
+                   split_column="", default_split="data", allow_unlabeled=False) -> Inputs:
   """Jobs from a CSV with ``path`` and labels columns.
 
   Optional columns ``start_seconds`` and ``end_seconds`` cut a segment out of each file.
   `split_column` (e.g. ``fold``) sends rows to per-split shard sets named after its value.
-  Without `label_map`, the label space is the distinct labels seen.
+  Without `label_map`, the label space is the distinct labels seen. With `allow_unlabeled`,
+  rows with an empty label list become unlabeled clips (``labeled=False``).
   """
-  rows, problems = labels_lib.read_file_list(file_list, label_column=label_column)
+  rows, problems = labels_lib.read_file_list(file_list, label_column=label_column,
+                                             allow_unlabeled=allow_unlabeled)
   if label_map is None:
     label_map = labels_lib.LabelMap.from_labels([l for r in rows for l in r.labels], ontology)
   base = os.path.dirname(file_list)
@@ -119,7 +122,7 @@ def from_file_list(file_list, label_map=None, ontology=None, label_column="label
     seen_ids[clip_id] = (row.line, row.path)
     jobs.append(ClipJob(len(jobs), clip_id, row.path, split, indices, mids, start, end,
                         trim="always" if (start is not None or end is not None) else "never",
-                        error=error))
+                        error=error, labeled=bool(row.labels)))
   return Inputs(jobs, label_map, problems, [], [])
 
 

@@ -214,7 +214,7 @@ def _make_example(job, start, end, duration, log_mel, embedding_mean, per_frame,
       label_mids=job.label_mids, start_seconds=start or 0.0,
       end_seconds=end if end is not None else (start or 0.0) + duration,
       duration_seconds=duration, log_mel=log_mel, embedding_mean=embedding_mean,
-      frame_embeddings=per_frame, num_video_frames=num_video_frames)
+      frame_embeddings=per_frame, num_video_frames=num_video_frames, labeled=job.labeled)
 
 
 _WORKER = None
@@ -350,7 +350,7 @@ def _fingerprint(jobs):
   h = hashlib.sha256()
   for j in jobs:
     h.update(f"{j.clip_id}|{j.path}|{j.split}|{j.label_indices}|{j.start_seconds}|"
-             f"{j.end_seconds}|{j.error}\n".encode())
+             f"{j.end_seconds}|{j.error}{'' if j.labeled else '|unlabeled'}\n".encode())
   return {"num_jobs": len(jobs), "sha256": h.hexdigest()}
 
 
@@ -496,6 +496,7 @@ def finalize(inputs, config, plan, shard_names, skipped, t0, clips_per_second):
   num_classes = inputs.label_map.num_classes
   for split, (num_shards, _) in plan.items():
     file_examples = {}
+    unlabeled = 0
     class_counts = np.zeros(num_classes, np.int64)
     for k in range(num_shards):
       name = shard_names[(split, k)]
@@ -503,12 +504,13 @@ def finalize(inputs, config, plan, shard_names, skipped, t0, clips_per_second):
       rows.extend(part)
       written = [r for r in part if r["status"] == "written"]
       file_examples[name] = len(written)
+      unlabeled += sum(1 for r in written if not r["labels"])
       for r in written:
         for mid in filter(None, r["labels"].split(";")):
           class_counts[inputs.label_map.lookup(mid)] += 1
     splits[split] = {"num_shards": num_shards, "num_examples": sum(file_examples.values()),
                      "files": list(file_examples), "file_examples": file_examples,
-                     "class_counts": class_counts.tolist()}
+                     "class_counts": class_counts.tolist(), "num_unlabeled": unlabeled}
   files.write_text(tf.io.gfile.join(out, MANIFEST), files.csv_text(rows, MANIFEST_COLUMNS))
   if inputs.missing_media:
     files.write_text(tf.io.gfile.join(out, MISSING_MEDIA), files.csv_text(

@@ -168,3 +168,55 @@ def test_binary_errors(av_system, tmp_path):
                    f"--teacher_audio_model={tmp_path / 'none.keras'}")
   assert res.returncode == 2 and "Teacher audio model not found" in res.stderr
   assert os.path.exists(av_system["audio"])
+
+
+def test_unlabeled_clips_are_prepared_and_masked(tmp_path):
+  from data_prep import inputs, prepare  # pylint: disable=g-import-not-at-top
+  from av_sound_tf import pipeline, schema  # pylint: disable=g-import-not-at-top
+  from tests.conftest import shared_path  # pylint: disable=g-import-not-at-top
+  clip = shared_path("esc10", "001 - Dog bark", "1-100032-A.ogg")
+  rain = shared_path("esc10", "002 - Rain", "1-17367-A.ogg")
+  (tmp_path / "list.csv").write_text(f"path,labels\n{clip},Dog\n{rain},\n")
+  with pytest.raises(AssertionError):  # without the flag an empty label list fails
+    assert not inputs.from_file_list(str(tmp_path / "list.csv")).problems
+  found = inputs.from_file_list(str(tmp_path / "list.csv"), allow_unlabeled=True)
+  assert [j.labeled for j in found.jobs] == [True, False] and not found.problems
+  out = str(tmp_path / "out")
+  prepare.prepare(found, prepare.PrepareConfig(output_dir=out), num_workers=0)
+  info = schema.read_dataset_info(out)
+  assert info["splits"]["data"]["num_unlabeled"] == 1
+  files = schema.list_shards(out, "data")
+  assert [int(e["labeled"]) for e in schema.read_examples(files, 1)] == [1, 0]
+  cfg = pipeline.InputConfig(kind="audio", num_classes=1, batch_size=2, num_frames=128,
+                             shuffle_buffer=1)
+  _, y = next(iter(pipeline.train_dataset(files, cfg, num_examples=2)))
+  assert sorted(y.numpy()[:, 0].tolist()) == [-1.0, 1.0]  # the unlabeled clip's target
+  # The label term ignores it: the loss equals one computed without that row's labels.
+  q = np.array([[0.9], [0.2]], "float32")
+  p = np.array([[0.6], [0.7]], "float32")
+  distiller = training.Distiller(keras.Sequential([keras.Input([1])]), _Fixed(q), alpha=0.5)
+  distiller.compile(loss=keras.losses.BinaryCrossentropy())
+  got = float(distiller.compute_loss(tf.zeros([2, 1]), tf.constant([[1.0], [-1.0]]),
+                                     tf.constant(p)))
+  hard = -np.log(0.6) / 2  # the labeled row only, averaged over the batch of 2
+  soft = np.mean(-(q * np.log(p) + (1 - q) * np.log(1 - p)))
+  assert got == pytest.approx(0.5 * hard + 0.5 * soft, rel=1e-4)
+
+
+def test_unlabeled_splits_need_a_teacher(tmp_path):
+  data = str(tmp_path / "data")
+  synthetic.write_prepared(data, splits=(("train", 8), ("pool", 8), ("validation", 8)),
+                           num_frames=(100, 120), unlabeled_splits=("pool",))
+  base = dict(kind="audio", model_dir=str(tmp_path / "m"), data_dir=data, width=0.0625,
+              num_frames=96, epochs=1, batch_size=4)
+  with pytest.raises(ValueError, match="needs a distillation teacher"):
+    training.load_data(training.TrainConfig(unlabeled_splits=("pool",), **base))
+  with pytest.raises(ValueError, match="holds 8 unlabeled clips"):
+    training.load_data(training.TrainConfig(train_splits=("train", "pool"), **base))
+  keras.utils.set_random_seed(0)
+  teacher = str(tmp_path / "teacher.keras")
+  models.MILConvNet(4, num_frames=96, width=0.0625).save(teacher)
+  summary = training.train(training.TrainConfig(
+      unlabeled_splits=("pool",), teacher_audio_model=teacher, architecture="mobile_mil",
+      **base))
+  assert summary["evaluated_classes"] == 4

@@ -11,11 +11,13 @@ from av_sound_tf import schema
 
 def write_prepared(out_dir, splits=(("train", 48), ("validation", 24)), num_classes=4,
                    num_frames=(200, 320), embedding_dim=16, shards=2, seed=0,
-                   multi_label=False):
+                   multi_label=False, unlabeled_splits=()):
   """Writes shards, dataset_info.json and the label map like bin/prepare_data does.
 
   Class c lights up mel bins [8c, 8c + 8) in the log-mel and adds a direction to the
-  embedding, so models can learn it. Returns {split: [(labels, log_mel, embedding)]}.
+  embedding, so models can learn it. Splits in `unlabeled_splits` are written without labels
+  (labeled=0), as bin/prepare_data --allow_unlabeled does. Returns {split: [(labels,
+  log_mel, embedding)]}.
   """
   rng = np.random.default_rng(seed)
   tf.io.gfile.makedirs(out_dir)
@@ -43,12 +45,16 @@ def write_prepared(out_dir, splits=(("train", 48), ("validation", 24)), num_clas
       with tf.io.TFRecordWriter(os.path.join(out_dir, name)) as w:
         for j in range(k, n, shards):
           y, log_mel, emb = examples[j]
+          labeled = split not in unlabeled_splits
           w.write(schema.make_example(
-              f"{split}/{j}", f"{split}_{j}.wav", y, [f"/m/c{c}" for c in y],
+              f"{split}/{j}", f"{split}_{j}.wav", y if labeled else [],
+              [f"/m/c{c}" for c in y] if labeled else [],
               duration_seconds=log_mel.shape[0] / 100, log_mel=log_mel, embedding_mean=emb,
-              num_video_frames=8).SerializeToString())
+              num_video_frames=8, labeled=labeled).SerializeToString())
+    unlabeled = split in unlabeled_splits
     info_splits[split] = {"num_shards": shards, "num_examples": n, "files": names,
-                          "class_counts": counts.tolist()}
+                          "class_counts": (0 * counts if unlabeled else counts).tolist(),
+                          "num_unlabeled": n if unlabeled else 0}
     written[split] = examples
   labels.LabelMap([f"/m/c{c}" for c in range(num_classes)],
                   [f"Class {c}" for c in range(num_classes)]).to_csv(
