@@ -255,7 +255,7 @@ def load_data(config: TrainConfig) -> _Data:
                 tuple(config.unlabeled_splits)):
     if split not in splits:
       raise ValueError(f"Split {split!r} is not in {config.data_dir} (splits: {sorted(splits)})")
-  teacher = config.teacher_audio_model or config.secost_stages
+  teacher = bool(config.teacher_audio_model)  # SeCoST stage 0 has none: no unlabeled clips
   for split in tuple(config.train_splits) + tuple(config.validation_splits):
     if splits[split].get("num_unlabeled") and not (
         teacher and split in config.train_splits):
