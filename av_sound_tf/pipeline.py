@@ -279,7 +279,9 @@ def train_dataset(files: Sequence[str], config: InputConfig, num_examples: Optio
     x = _features(ex, config, True, seed)
     # An unlabeled clip (prepared with --allow_unlabeled) gets targets of -1: only a
     # distillation loss, which masks them, may train on it.
-    y = tf.where(ex["labeled"] > 0, ex["labels"], -tf.ones_like(ex["labels"]))
+    y = ex["labels"]
+    if "labeled" in ex:  # our schema (AudioSet's released features are all labeled)
+      y = tf.where(ex["labeled"] > 0, y, -tf.ones_like(y))
     if terms is None:
       return x, y
     w = tf.where(tf.reduce_sum(y) > 0, tf.reduce_sum(y * terms), 1.0)

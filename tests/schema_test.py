@@ -35,7 +35,9 @@ def test_round_trip_audio_visual(tmp_path):
   np.testing.assert_array_equal(got["frame_embeddings"].numpy(),
                                 per_frame.astype(np.float16))
   raw = tf.train.Example.FromString(ex.SerializeToString())
-  assert set(raw.features.feature) == set(schema.FEATURE_SPEC)
+  # "labeled" is written only for unlabeled clips (absent means labeled).
+  assert set(raw.features.feature) == set(schema.FEATURE_SPEC) - {"labeled"}
+  assert got["labeled"].numpy() == 1
   assert raw.features.feature["schema_version"].int64_list.value == [schema.SCHEMA_VERSION]
 
 
