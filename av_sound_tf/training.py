@@ -135,6 +135,10 @@ class TrainConfig:
   teacher_fusion_model: str = ""
   distill_alpha: float = 0.5  # weight of the labels; 1 - alpha goes to the teacher
   distill_temperature: float = 1.0
+  # Audiovisual teacher only: per class and clip, alpha_a * fused + (1 - alpha_a) * audio,
+  # with alpha_a the attention fusion's weight on audio (the visual modality teaches only
+  # where the fusion itself leans on the audio).
+  distill_gate: bool = False
   # Splits of unlabeled clips (prepare_data --allow_unlabeled) trained on the teacher only.
   unlabeled_splits: Tuple[str, ...] = ()
   verbose: int = 1
@@ -369,11 +373,18 @@ def distillation_teacher(config: TrainConfig, data: _Data) -> Optional[keras.Mod
       "has_video": keras.Input((), dtype="int64", name="has_video"),
   }
   present = lambda flag: ops.expand_dims(ops.cast(flag, "float32"), -1)  # pylint: disable=unnecessary-lambda-assignment
-  fused = fusion_model({
-      "h_audio": audio(inputs["log_mel"]), "h_visual": visual(inputs["embedding_mean"]),
+  h_audio = audio(inputs["log_mel"])
+  fusion_inputs = {
+      "h_audio": h_audio, "h_visual": visual(inputs["embedding_mean"]),
       "audio_present": present(inputs["has_audio"]),
-      "visual_present": present(inputs["has_video"])})
-  return keras.Model(inputs, fused, name="audiovisual_teacher")
+      "visual_present": present(inputs["has_video"])}
+  if not config.distill_gate:
+    return keras.Model(inputs, fusion_model(fusion_inputs), name="audiovisual_teacher")
+  from av_sound_tf import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
+  out = fusion_lib.with_attention_weights(fusion_model)(fusion_inputs)
+  alpha = out["attention_weights"]
+  gated = alpha * out["fused_scores"] + (1.0 - alpha) * h_audio
+  return keras.Model(inputs, gated, name="gated_audiovisual_teacher")
 
 
 def _best_so_far(history_path):

@@ -97,12 +97,15 @@ def demo(out):
   av_teacher = dict(teacher_audio_model=audio_t,
                     teacher_visual_model=os.path.join(d, "visual", "model.keras"),
                     teacher_fusion_model=os.path.join(d, "fusion", FLAGS.fusion, "model.keras"))
+  gated = dict(av_teacher, distill_gate=True)
   runs = {
       "student, labels only": _student("demo_labels", out, **common),
       "student, audio teacher": _student("demo_audio_teacher", out,
                                          dict(teacher_audio_model=audio_t), **common),
       f"student, audiovisual teacher ({FLAGS.fusion} fusion)": _student(
           "demo_av_teacher", out, av_teacher, **common),
+      "student, audiovisual teacher gated by its attention on audio": _student(
+          "demo_av_gated", out, gated, **common),
   }
   if FLAGS.pool:
     pooled = dict(common, data_dir=_pooled_data(out), unlabeled_splits=("pool",))
@@ -110,6 +113,8 @@ def demo(out):
         "demo_audio_teacher_pool", out, dict(teacher_audio_model=audio_t), **pooled)
     runs[f"student, audiovisual teacher + {FLAGS.pool} unlabeled clips"] = _student(
         "demo_av_teacher_pool", out, av_teacher, **pooled)
+    runs[f"student, gated audiovisual teacher + {FLAGS.pool} unlabeled clips"] = _student(
+        "demo_av_gated_pool", out, gated, **pooled)
   rows = []
   teacher_audio = _eval(audio_t, data, "eval", os.path.join(out, "eval_demo_teacher_audio"))
   rows.append(("teacher: audio model (Table 1, width 0.125)", teacher_audio["mAP"],

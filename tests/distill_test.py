@@ -1,5 +1,6 @@
 """The on-device student (MobileMIL), FLOP counting, the distillation loss, bin/distill."""
 
+import dataclasses
 import json
 import os
 
@@ -137,6 +138,16 @@ def test_audiovisual_teacher_scores_follow_the_fusion_model(av_system):
                     "audio_present": ones,
                     "visual_present": tf.constant(x["has_video"][:, None], tf.float32)})
   np.testing.assert_allclose(teacher(x), expected, atol=1e-5)
+  # Gated: alpha_a * fused + (1 - alpha_a) * audio, alpha_a from the attention fusion.
+  gated = training.distillation_teacher(dataclasses.replace(config, distill_gate=True),
+                                        training.load_data(config))
+  inputs = {"h_audio": audio(x["log_mel"]), "h_visual": visual(x["embedding_mean"]),
+            "audio_present": ones,
+            "visual_present": tf.constant(x["has_video"][:, None], tf.float32)}
+  out = fusion.with_attention_weights(fused)(inputs)
+  alpha = out["attention_weights"]
+  np.testing.assert_allclose(
+      gated(x), alpha * out["fused_scores"] + (1 - alpha) * inputs["h_audio"], atol=1e-5)
 
 
 @pytest.mark.parametrize("teacher", ["audio", "audiovisual"])
