@@ -10,8 +10,8 @@ import pytest
 from av_sound_tf import schema
 from data_prep import inputs
 from data_prep import prepare
-from tests.conftest import shared_path
-from tests.prep_helpers import read_manifest, run_binary, shard_bytes, write_list
+from tests.conftest import run_binary, shared_path
+from tests.prep_helpers import read_manifest, shard_bytes, write_list
 
 beam_prepare = pytest.importorskip("data_prep.beam_prepare",
                                    reason="apache-beam is not installed (pip install .[beam])")

@@ -1,6 +1,8 @@
 """Shared fixtures: the real third-party data in ../shared/data (skipped when absent)."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -18,6 +20,12 @@ def shared_path(*parts):
     pytest.skip(f"shared data not found: {path} (set AV_SOUND_TF_SHARED_DATA to the folder "
                 "that holds audioset/, esc10/, librosa/ and video/)")
   return path
+
+
+def run_binary(binary, *args, timeout=900):
+  """Runs bin/<binary> with this interpreter; returns the CompletedProcess (text output)."""
+  return subprocess.run([sys.executable, os.path.join(REPO, "bin", binary), *args],
+                        capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from av_sound_tf import fusion
 from av_sound_tf import labels
 from av_sound_tf import media
 from av_sound_tf import models
-from tests.conftest import REPO, shared_path
+from tests.conftest import run_binary, shared_path
 
 C = 3
 
@@ -186,14 +186,10 @@ def test_saved_model_cli(exported, tmp_path):
 
 def test_binary(exported, tmp_path):
   _, _, paths, _ = exported
-  res = subprocess.run([sys.executable, os.path.join(REPO, "bin", "export"),
-                        f"--audio_model={paths['audio']}", f"--labels={paths['labels']}",
-                        f"--export_base={tmp_path}"], capture_output=True, text=True,
-                       timeout=600)
+  res = run_binary("export", f"--audio_model={paths['audio']}", f"--labels={paths['labels']}",
+                   f"--export_base={tmp_path}", timeout=600)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "verified against Keras" in res.stdout
-  res = subprocess.run([sys.executable, os.path.join(REPO, "bin", "export"),
-                        f"--audio_model={tmp_path}/missing.keras",
-                        f"--labels={paths['labels']}", f"--export_base={tmp_path}"],
-                       capture_output=True, text=True, timeout=600)
+  res = run_binary("export", f"--audio_model={tmp_path}/missing.keras",
+                   f"--labels={paths['labels']}", f"--export_base={tmp_path}", timeout=600)
   assert res.returncode == 2 and "Not found" in res.stderr and "Traceback" not in res.stderr

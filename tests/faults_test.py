@@ -25,8 +25,8 @@ from av_sound_tf import training
 from data_prep import inputs
 from data_prep import prepare
 from tests import synthetic
-from tests.conftest import REPO, shared_path
-from tests.prep_helpers import read_manifest, run_binary, shard_bytes, write_list
+from tests.conftest import REPO, run_binary, shared_path
+from tests.prep_helpers import read_manifest, shard_bytes, write_list
 
 DOG = "001 - Dog bark/1-100032-A.ogg"
 

@@ -3,8 +3,6 @@ synthetic truth test and the report."""
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -18,7 +16,7 @@ from av_sound_tf import predict
 from av_sound_tf import report
 from av_sound_tf import schema
 from tests import test_case
-from tests.conftest import REPO
+from tests.conftest import run_binary
 
 C = 12
 AUDIO_ONLY, VISUAL_ONLY, BOTH = range(0, 4), range(4, 8), range(8, 12)
@@ -202,9 +200,7 @@ def test_binaries(tmp_path):
                                               **common))
   visual = training.train(training.TrainConfig(kind="visual", model_dir=str(tmp_path / "v"),
                                                **common))
-  run = lambda name, *args: subprocess.run(
-      [sys.executable, os.path.join(REPO, "bin", name), *args], capture_output=True, text=True,
-      timeout=600)
+  run = lambda name, *args: run_binary(name, *args, timeout=600)  # pylint: disable=unnecessary-lambda-assignment
   preds = str(tmp_path / "preds")
   res = run("predict", f"--audio_model={audio['model']}", f"--visual_model={visual['model']}",
             f"--data_dir={data}", f"--output_dir={preds}")

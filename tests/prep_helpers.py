@@ -3,12 +3,9 @@
 import csv
 import glob
 import os
-import subprocess
-import sys
 
 from data_prep import inputs
 from data_prep import prepare
-from tests.conftest import REPO
 
 ESC_CLIPS = ["001 - Dog bark/1-100032-A.ogg", "001 - Dog bark/1-110389-A.ogg",
              "002 - Rain/1-17367-A.ogg", "002 - Rain/1-21189-A.ogg",
@@ -37,8 +34,3 @@ def run_prepare(file_list, out, num_workers=0, **kw):
   found = inputs.from_file_list(file_list)
   config = prepare.PrepareConfig(output_dir=str(out), **kw)
   return prepare.prepare(found, config, num_workers=num_workers, progress_every=0)
-
-
-def run_binary(binary, *args, timeout=900):
-  return subprocess.run([sys.executable, os.path.join(REPO, "bin", binary), *args],
-                        capture_output=True, text=True, timeout=timeout)

@@ -4,8 +4,6 @@ import csv
 import glob
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from av_sound_tf import labels
 from av_sound_tf import schema
 from data_prep import inputs
 from data_prep import prepare
-from tests.conftest import REPO, shared_path
+from tests.conftest import run_binary, shared_path
 from tests.prep_helpers import ESC_CLIPS, read_manifest, run_prepare, shard_bytes, write_list
 
 
@@ -208,8 +206,7 @@ def test_non_local_file_system():
 
 
 def _bin(*args):
-  return subprocess.run([sys.executable, os.path.join(REPO, "bin", "prepare_data"), *args],
-                        capture_output=True, text=True, timeout=600)
+  return run_binary("prepare_data", *args, timeout=600)
 
 
 def test_binary_helpfull_and_errors(tmp_path):

@@ -3,8 +3,6 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -16,7 +14,7 @@ from av_sound_tf import labels
 from av_sound_tf import models
 from av_sound_tf import tagging
 from av_sound_tf import tflite
-from tests.conftest import REPO, shared_path
+from tests.conftest import run_binary, shared_path
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +32,7 @@ def exported(tmp_path_factory):
 
 
 def _tag(*args):
-  return subprocess.run([sys.executable, os.path.join(REPO, "bin", "tag"), *args],
-                        capture_output=True, text=True, timeout=600)
+  return run_binary("tag", *args, timeout=600)
 
 
 def test_tag_files_folders_and_bad_inputs(exported, tmp_path):

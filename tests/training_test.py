@@ -12,7 +12,7 @@ import pytest
 
 from av_sound_tf import training
 from tests import synthetic
-from tests.conftest import REPO
+from tests.conftest import REPO, run_binary
 
 
 @pytest.fixture(scope="module")
@@ -125,20 +125,15 @@ def test_config_errors(prepared, tmp_path):
     training.get_strategy("tpu_pod")
 
 
-def _run(binary, *args):
-  return subprocess.run([sys.executable, os.path.join(REPO, "bin", binary), *args],
-                        capture_output=True, text=True, timeout=900)
-
-
 def test_train_and_evaluate_binaries(prepared, tmp_path):
   model_dir = str(tmp_path / "bin_audio")
-  res = _run("train_audio", f"--data_dir={prepared}", "--train_splits=train",
+  res = run_binary("train_audio", f"--data_dir={prepared}", "--train_splits=train",
              "--validation_splits=validation", f"--model_dir={model_dir}", "--width=0.0625",
              "--num_frames=128", "--epochs=1", "--batch_size=8", "--noverbose")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "mAP=" in res.stdout
   eval_dir = str(tmp_path / "eval")
-  res = _run("evaluate_model", f"--model={model_dir}/model.keras", f"--data_dir={prepared}",
+  res = run_binary("evaluate_model", f"--model={model_dir}/model.keras", f"--data_dir={prepared}",
              "--splits=validation", f"--output_dir={eval_dir}")
   assert res.returncode == 0, res.stderr[-3000:]
   with open(os.path.join(eval_dir, "summary.json")) as f:
@@ -152,14 +147,14 @@ def test_train_and_evaluate_binaries(prepared, tmp_path):
 
 def test_binaries_fail_clearly(tmp_path):
   for binary in ("train_audio", "train_visual", "evaluate_model"):
-    res = _run(binary, "--helpfull")
+    res = run_binary(binary, "--helpfull")
     assert "Traceback" not in res.stderr and "--" in res.stdout
-  res = _run("train_visual", f"--model_dir={tmp_path}/m", f"--data_dir={tmp_path}/nothing")
+  res = run_binary("train_visual", f"--model_dir={tmp_path}/m", f"--data_dir={tmp_path}/nothing")
   assert res.returncode == 2 and "Traceback" not in res.stderr
   assert "dataset_info.json" in res.stderr
-  res = _run("train_audio", f"--data_dir={tmp_path}")
+  res = run_binary("train_audio", f"--data_dir={tmp_path}")
   assert res.returncode != 0 and "--model_dir is required" in res.stderr
-  res = _run("evaluate_model", f"--model={tmp_path}/none.keras", f"--data_dir={tmp_path}",
+  res = run_binary("evaluate_model", f"--model={tmp_path}/none.keras", f"--data_dir={tmp_path}",
              "--splits=x")
   assert res.returncode == 2 and "Model not found" in res.stderr
 
