@@ -134,8 +134,33 @@ class _ConfigModel(keras.Model):
     return cls(**config)
 
 
+class _AudioMIL(_ConfigModel):
+  """What the two audio models share: the log-mel input (checked), the MIL head's inputs
+  and outputs, and the config (constructor arguments)."""
+
+  _CONFIG_KEYS = ("num_classes", "num_mel_bins", "num_frames", "width", "aggregation")
+
+  @staticmethod
+  def _log_mel_input(num_frames, num_mel_bins):
+    if num_frames is not None and num_frames < MIN_FRAMES:
+      raise ValueError(f"num_frames must be >= {MIN_FRAMES}. Received: num_frames={num_frames}")
+    if num_mel_bins != 64:
+      # The network divides the frequency axis by 32; the segment kernel spans the last 2.
+      raise ValueError(f"num_mel_bins must be 64 (Table 1). Received: {num_mel_bins}")
+    return keras.Input((num_frames, num_mel_bins), name="log_mel")
+
+  def _init_model(self, log_mel, clip_scores, num_classes, num_mel_bins, num_frames, width,
+                  aggregation, **kwargs):
+    super().__init__(inputs=log_mel, outputs=clip_scores, **kwargs)
+    self.num_classes = num_classes
+    self.num_mel_bins = num_mel_bins
+    self.num_frames = num_frames
+    self.width = width
+    self.aggregation = aggregation
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class MILConvNet(_ConfigModel):
+class MILConvNet(_AudioMIL):
   """The audio multiple-instance ConvNet of Table 1.
 
   Input: log-mel [batch, frames, num_mel_bins] (any frames >= 96 when num_frames=None).
@@ -156,17 +181,10 @@ class MILConvNet(_ConfigModel):
     (1, 10)
   """
 
-  _CONFIG_KEYS = ("num_classes", "num_mel_bins", "num_frames", "width", "aggregation")
-
   def __init__(self, num_classes=527, num_mel_bins=64, num_frames=None, width=1.0,
                aggregation="average", **kwargs):
-    if num_frames is not None and num_frames < MIN_FRAMES:
-      raise ValueError(f"num_frames must be >= {MIN_FRAMES}. Received: num_frames={num_frames}")
-    if num_mel_bins != 64:
-      # Four poolings divide the frequency axis by 32; B5's 3x2 kernel spans the last 2.
-      raise ValueError(f"num_mel_bins must be 64 (Table 1). Received: {num_mel_bins}")
-    # === Layers and functional model ===
-    log_mel = keras.Input((num_frames, num_mel_bins), name="log_mel")
+    # Four poolings divide the frequency axis by 32; B5's 3x2 kernel spans the last 2.
+    log_mel = self._log_mel_input(num_frames, num_mel_bins)
     x = layers.Reshape((-1, num_mel_bins, 1), name="add_channel")(log_mel)
     for block, filters, pool in CONV_BLOCKS:
       f = _scaled(filters, width)
@@ -177,14 +195,8 @@ class MILConvNet(_ConfigModel):
     x = layers.Reshape((-1, _scaled(B5_FILTERS, width)), name="segments")(x)  # [B, S, F]
     x = _dense_bn_relu(x, _scaled(B6_FILTERS, width), "b6")
     features = _dense_bn_relu(x, _scaled(B7_FILTERS, width), "b7")
-    clip_scores = _mil_head(features, num_classes, aggregation)
-    super().__init__(inputs=log_mel, outputs=clip_scores, **kwargs)
-    # === Config ===
-    self.num_classes = num_classes
-    self.num_mel_bins = num_mel_bins
-    self.num_frames = num_frames
-    self.width = width
-    self.aggregation = aggregation
+    self._init_model(log_mel, _mil_head(features, num_classes, aggregation), num_classes,
+                     num_mel_bins, num_frames, width, aggregation, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -298,7 +310,7 @@ class TrimFrames(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class MobileMIL(_ConfigModel):
+class MobileMIL(_AudioMIL):
   """A compact audio MIL network for phones: MobileNet-style depthwise-separable blocks
   (as in YAMNet and EfficientAT), the same log-mel input and MIL head as `MILConvNet`.
 
@@ -319,15 +331,9 @@ class MobileMIL(_ConfigModel):
     aggregation: g(), one of `AGGREGATIONS`.
   """
 
-  _CONFIG_KEYS = ("num_classes", "num_mel_bins", "num_frames", "width", "aggregation")
-
   def __init__(self, num_classes=527, num_mel_bins=64, num_frames=None, width=1.0,
                aggregation="average", **kwargs):
-    if num_frames is not None and num_frames < MIN_FRAMES:
-      raise ValueError(f"num_frames must be >= {MIN_FRAMES}. Received: num_frames={num_frames}")
-    if num_mel_bins != 64:
-      raise ValueError(f"num_mel_bins must be 64. Received: {num_mel_bins}")
-    log_mel = keras.Input((num_frames, num_mel_bins), name="log_mel")
+    log_mel = self._log_mel_input(num_frames, num_mel_bins)
     x = TrimFrames(FRAMES_PER_SEGMENT, name="trim_frames")(log_mel)
     x = layers.Reshape((-1, num_mel_bins, 1), name="add_channel")(x)
     x = layers.Conv2D(_scaled(MOBILE_STEM, width), 3, strides=2, padding="same",
@@ -340,26 +346,27 @@ class MobileMIL(_ConfigModel):
     x = _separable(x, head, 1, "segment", kernel=B5_KERNEL, padding="valid")
     x = layers.Reshape((-1, head), name="segments")(x)  # [B, S, F]
     features = _dense_bn_relu(x, head, "instance", momentum=MOBILE_BN_MOMENTUM)
-    clip_scores = _mil_head(features, num_classes, aggregation)
-    super().__init__(inputs=log_mel, outputs=clip_scores, **kwargs)
-    self.num_classes = num_classes
-    self.num_mel_bins = num_mel_bins
-    self.num_frames = num_frames
-    self.width = width
-    self.aggregation = aggregation
+    self._init_model(log_mel, _mil_head(features, num_classes, aggregation), num_classes,
+                     num_mel_bins, num_frames, width, aggregation, **kwargs)
 
 
 AUDIO_MODELS = (MILConvNet, MobileMIL)  # log-mel in, clip and segment scores out
 AUDIO_ARCHITECTURES = {"mil_convnet": MILConvNet, "mobile_mil": MobileMIL}
 
 
-def any_length(audio_model: keras.Model) -> keras.Model:
-  """The same audio model (any of `AUDIO_MODELS`, same weights) for any number of frames."""
+def with_num_frames(audio_model: keras.Model, num_frames) -> keras.Model:
+  """The same audio model (any of `AUDIO_MODELS`, same weights) for `num_frames` input
+  frames (None: any number)."""
   config = audio_model.get_config()
-  config["num_frames"] = None
+  config["num_frames"] = num_frames
   rebuilt = audio_model.__class__.from_config(config)
   rebuilt.set_weights(audio_model.get_weights())
   return rebuilt
+
+
+def any_length(audio_model: keras.Model) -> keras.Model:
+  """`with_num_frames(audio_model, None)`."""
+  return with_num_frames(audio_model, None)
 
 
 def count_flops(model: keras.Model, num_frames: int = 1001) -> dict:
@@ -368,9 +375,7 @@ def count_flops(model: keras.Model, num_frames: int = 1001) -> dict:
   profiler, and the parameter count."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top
-  config = model.get_config()
-  config["num_frames"] = num_frames
-  fixed = model.__class__.from_config(config)
+  fixed = with_num_frames(model, num_frames)
   fn = tf.function(lambda x: fixed(x, training=False)).get_concrete_function(
       tf.TensorSpec([1, num_frames, model.input.shape[-1]], tf.float32))
   frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
