@@ -18,6 +18,7 @@ Design:
 import collections
 import csv
 import dataclasses
+import functools
 import json
 import multiprocessing
 import time
@@ -116,11 +117,11 @@ class ClipProcessor:
           self.config.embedder, self.config.embedder_weights, self.config.image_size)
     return self._embedder
 
-  def _segment(self, job):
+  def _segment(self, job, probe):
     if job.trim == "always":
       return job.start_seconds, job.end_seconds
     if job.trim == "auto" and job.start_seconds is not None and job.end_seconds is not None:
-      duration = media.probe(job.path).duration_seconds
+      duration = probe().duration_seconds
       if duration > (job.end_seconds - job.start_seconds) + 1.0:
         return job.start_seconds, job.end_seconds
     return None, None
@@ -150,10 +151,12 @@ class ClipProcessor:
 
   def _process(self, job):
     cfg = self.config
-    start, end = self._segment(job)
+    # The container's header is read at most once per clip, by whichever step needs it first.
+    probe = functools.lru_cache(maxsize=1)(lambda: media.probe(job.path))
+    start, end = self._segment(job, probe)
     warnings = []
     if end is None and cfg.max_seconds:
-      full = media.probe(job.path).duration_seconds
+      full = probe().duration_seconds
       if full and full > cfg.max_seconds + 0.5:
         end = (start or 0.0) + cfg.max_seconds
         warnings.append(f"{full:.0f} s long: kept the first {cfg.max_seconds:g} s")
@@ -191,7 +194,7 @@ class ClipProcessor:
         embedding_mean, per_frame = self.embedder.embed_clip(frames)
         num_video_frames = frames.shape[0]
         if not duration:
-          duration = (end - start) if end is not None else media.probe(job.path).duration_seconds
+          duration = (end - start) if end is not None else probe().duration_seconds
     if log_mel is None and embedding_mean is None:
       raise media.MediaError(job.path, "neither audio nor video could be decoded")
     try:
