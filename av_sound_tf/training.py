@@ -453,8 +453,8 @@ def _num_workers(strategy):
   resolver = getattr(strategy, "cluster_resolver", None)
   if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     return 1
-  return max(1, len(resolver.cluster_spec().as_dict().get("worker", [])) +
-             len(resolver.cluster_spec().as_dict().get("chief", [])))
+  spec = resolver.cluster_spec().as_dict()
+  return max(1, len(spec.get("worker", [])) + len(spec.get("chief", [])))
 
 
 def _worker_index(strategy):
@@ -470,11 +470,9 @@ def _worker_model_dir(config, strategy):
   """The chief (task chief/0, or worker/0 without a chief) writes config.model_dir; other
   workers write their backups and copies under model_dir/.workers/ (the TF guidance for
   multi-worker checkpoints: never two writers on one path)."""
-  if _num_workers(strategy) <= 1:
+  if _num_workers(strategy) <= 1 or _worker_index(strategy) == 0:
     return config.model_dir
   resolver = strategy.cluster_resolver
-  if _worker_index(strategy) == 0:
-    return config.model_dir
   return tf.io.gfile.join(config.model_dir, ".workers",
                           f"{resolver.task_type}{resolver.task_id}")
 
