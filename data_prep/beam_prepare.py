@@ -51,18 +51,18 @@ DEAD_LETTER_DIR = "failed"
 COUNTER_NAMESPACE = "av_sound_tf.prepare"
 
 
-def _job_to_json(job, shard, position):
-  return json.dumps({"shard": shard, "position": position, "job": dataclasses.asdict(job)})
+def _job_to_json(job, shard):
+  return json.dumps({"shard": shard, "job": dataclasses.asdict(job)})
 
 
 def _job_from_json(line):
   d = json.loads(line)
-  return d["shard"], d["position"], inputs_lib.ClipJob(**d["job"])
+  return d["shard"], inputs_lib.ClipJob(**d["job"])
 
 
 @beam.typehints.with_output_types(Tuple[str, Any])
 class ProcessClip(beam.DoFn):
-  """Decodes and featurizes one clip; emits (shard, (position, job, result))."""
+  """Decodes and featurizes one clip; emits (shard, (job, result))."""
 
   def __init__(self, config):
     super().__init__()
@@ -77,7 +77,7 @@ class ProcessClip(beam.DoFn):
     self.progress = prepare.Progress(0, every=30.0)  # per worker, in the worker's log
 
   def process(self, line):
-    shard, position, job = _job_from_json(line)
+    shard, job = _job_from_json(line)
     result = self.processor(job)
     self.progress.update(failed=result.status != "written")
     if result.status == "written":
@@ -85,7 +85,7 @@ class ProcessClip(beam.DoFn):
     else:
       Metrics.counter(COUNTER_NAMESPACE, "failed: " + prepare.reason_kind(result.reason)).inc()
       yield beam.pvalue.TaggedOutput("failed", (job.path, result.reason))
-    yield shard, (position, job, result)
+    yield shard, (job, result)
 
 
 class WriteShard(beam.DoFn):
@@ -98,12 +98,12 @@ class WriteShard(beam.DoFn):
   def process(self, element):
     shard, items = element
     unique = {}
-    for position, job, result in items:
+    for job, result in items:
       if job.clip_id in unique:
         Metrics.counter(COUNTER_NAMESPACE, "duplicates dropped (retried bundles)").inc()
-      unique[job.clip_id] = (position, job, result)
+      unique[job.clip_id] = (job, result)
     writer = prepare.ShardWriter(self.output_dir, shard)
-    for _, job, result in sorted(unique.values(), key=lambda t: t[0]):
+    for job, result in sorted(unique.values(), key=lambda t: t[0].index):  # input order
       writer.add(job, result)
     writer.close()
     Metrics.counter(COUNTER_NAMESPACE, "shards written").inc()
@@ -172,7 +172,7 @@ def prepare_with_beam(inputs, config, runner="DirectRunner", beam_args=(), num_w
   counters = {}
   if pending:
     for start in range(0, len(pending), jobs_per_file):
-      lines = [_job_to_json(job, shard, job.index)
+      lines = [_job_to_json(job, shard)
                for job, shard in pending[start:start + jobs_per_file]]
       with tf.io.gfile.GFile(tf.io.gfile.join(
           beam_dir, f"jobs-{start // jobs_per_file:05d}.jsonl"), "w") as f:

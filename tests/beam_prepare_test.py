@@ -84,7 +84,7 @@ def test_retried_bundles_write_each_clip_once(file_list, single_process, tmp_pat
   _, _, pending, _ = prepare.start_run(found, config)
   processor = prepare.ClipProcessor(config)
   name = "data-00000-of-00003.tfrecord"
-  items = [(job.index, job, processor(job)) for job, shard in pending if shard == name]
+  items = [(job, processor(job)) for job, shard in pending if shard == name]
   retried = items + items[:3]  # three clips delivered twice
   writer = beam_prepare.WriteShard(str(tmp_path))
   list(writer.process((name, retried)))
