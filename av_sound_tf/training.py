@@ -139,6 +139,10 @@ class TrainConfig:
   # with alpha_a the attention fusion's weight on audio (the visual modality teaches only
   # where the fusion itself leans on the audio).
   distill_gate: bool = False
+  # Per-class Platt scaling of the teacher's scores on the validation splits before it
+  # teaches (`calibrate_teacher`): a fusion model selected by mAP ranks well but can be
+  # badly calibrated (negatives near 0.2), and distillation copies scores, not ranks.
+  distill_calibrate: bool = True
   # Splits of unlabeled clips (prepare_data --allow_unlabeled) trained on the teacher only.
   unlabeled_splits: Tuple[str, ...] = ()
   verbose: int = 1
@@ -387,6 +391,50 @@ def distillation_teacher(config: TrainConfig, data: _Data) -> Optional[keras.Mod
   return keras.Model(inputs, gated, name="gated_audiovisual_teacher")
 
 
+class PlattScaling(keras.layers.Layer):
+  """p -> sigmoid(slope * logit(p) + intercept), per class (fixed, not trained)."""
+
+  def __init__(self, slope, intercept, **kwargs):
+    super().__init__(trainable=False, **kwargs)
+    self.slope = np.asarray(slope, np.float32)
+    self.intercept = np.asarray(intercept, np.float32)
+
+  def call(self, p):
+    p = ops.clip(p, 1e-7, 1.0 - 1e-7)
+    return ops.sigmoid(self.slope * (ops.log(p) - ops.log1p(-p)) + self.intercept)
+
+
+def calibrate_teacher(teacher: keras.Model, dataset: tf.data.Dataset):
+  """Fits per-class Platt scaling of `teacher`'s scores on `dataset` (batches of inputs and
+  labels the teacher has not been trained on); returns (calibrated teacher, report).
+
+  Each class gets a one-feature logistic regression on the logit of the teacher's score
+  (scikit-learn, default L2); a class without both positives and negatives keeps its
+  scores. The report gives per class the slope, intercept and the mean score of positives
+  and negatives before and after.
+  """
+  from sklearn import linear_model  # pylint: disable=g-import-not-at-top
+  labels, scores = metrics_lib.predict_dataset(teacher, dataset)
+  scores = np.clip(scores, 1e-7, 1 - 1e-7)
+  logits = np.log(scores) - np.log1p(-scores)
+  num_classes = scores.shape[1]
+  slope, intercept = np.ones(num_classes), np.zeros(num_classes)
+  for c in range(num_classes):
+    y = labels[:, c] > 0
+    if 0 < y.sum() < len(y):
+      fit = linear_model.LogisticRegression().fit(logits[:, c:c + 1], y)
+      slope[c], intercept[c] = fit.coef_[0, 0], fit.intercept_[0]
+  after = 1 / (1 + np.exp(-(slope * logits + intercept)))
+  pos, neg = labels > 0, labels <= 0
+  mean = lambda x, m: float(x[m].mean()) if m.any() else float("nan")  # pylint: disable=unnecessary-lambda-assignment
+  report = {"num_examples": int(len(labels)), "slope": slope.tolist(),
+            "intercept": intercept.tolist(),
+            "mean_positive_before": mean(scores, pos), "mean_negative_before": mean(scores, neg),
+            "mean_positive_after": mean(after, pos), "mean_negative_after": mean(after, neg)}
+  calibrated = PlattScaling(slope, intercept, name="platt_scaling")(teacher.output)
+  return keras.Model(teacher.inputs, calibrated, name=f"calibrated_{teacher.name}"), report
+
+
 def _best_so_far(history_path):
   """The best val_mAP recorded by an earlier (interrupted) run, or None."""
   if not tf.io.gfile.exists(history_path):
@@ -536,6 +584,15 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
       teacher = keras.models.load_model(teacher_path, safe_mode=True)
       model = Distiller(student, teacher, config.secost_alpha)
     elif distill_teacher is not None:
+      if config.distill_calibrate:
+        calibration_ds = pipeline.eval_dataset(
+            data.validation_files, dataclasses.replace(train_cfg, mixup_alpha=0.0))
+        distill_teacher, report = calibrate_teacher(distill_teacher, calibration_ds)
+        files.write_json(tf.io.gfile.join(stage_dir, "teacher_calibration.json"), report)
+        logging.info("Teacher calibrated on %d validation clips: mean score of positives "
+                     "%.3f -> %.3f, of negatives %.3f -> %.3f.", report["num_examples"],
+                     report["mean_positive_before"], report["mean_positive_after"],
+                     report["mean_negative_before"], report["mean_negative_after"])
       model = Distiller(student, distill_teacher, config.distill_alpha,
                         config.distill_temperature)
     if model is not student:  # build it (BackupAndRestore wants a built model)

@@ -2,17 +2,23 @@
 """Distillation into the on-device student: accuracy against the teachers and against the
 same student trained on labels only.
 
-  # the demo's data and models (make demo first): audiovisual and audio-only teachers
-  .venv/bin/python benchmarks/distill_benchmark.py --demo_dir=demo_out --out=out/distill
+  # the demo's data and models (make demo first): audiovisual and audio-only teachers,
+  # with and without 1,200 unlabeled clips, three student seeds (about 50 min here)
+  .venv/bin/python benchmarks/distill_benchmark.py --demo_dir=demo_out --seeds=0,1,2 \
+      --out=out/distill
   # ESC-10 (make bench-esc10 first): the audio teacher of each fold
   .venv/bin/python benchmarks/distill_benchmark.py --esc10_dir=out/esc10_bench \
       --folds=1,2,3,4,5 --out=out/distill
 
-Every student has the same architecture, width, epochs and seed; only the teacher (none,
-audio, audiovisual) differs. Finished runs are kept when rerun. Prints markdown tables and
-writes them to <out>/distill_report.md. Not a test.
+Every student has the same architecture, width, epochs and seeds; only the teacher (none,
+audio, audiovisual; calibrated on the validation split unless said otherwise) and the
+training clips (with or without the unlabeled pool) differ. Finished runs are kept when
+rerun. Prints markdown tables (demo: mAP per class group too) and writes them to
+<out>/distill_report.md, the demo rows to distill_demo.json and a bar chart to
+distill_demo.png. Not a test.
 """
 
+import csv
 import json
 import os
 import sys
@@ -23,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 import keras  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
 
 from av_sound_tf import evaluation  # pylint: disable=g-import-not-at-top
 from av_sound_tf import files  # pylint: disable=g-import-not-at-top
@@ -44,8 +51,11 @@ flags.DEFINE_float("missing_labels", 0.0, "Also run the demo with AudioSet-like 
                    "labels: each training positive is dropped with this probability (at least "
                    "one label kept per clip); teachers and students are all retrained on "
                    "them, evaluation uses the clean eval labels. 0 skips it.")
-flags.DEFINE_integer("pool", 600, "Unlabeled demo clips (a new seed of the same generator) "
+flags.DEFINE_integer("pool", 1200, "Unlabeled demo clips (a new seed of the same generator) "
                      "that the teachers label for the student; 0 skips that part.")
+flags.DEFINE_bool("gated", False, "Also train the students of the audiovisual teacher gated by "
+                  "its attention on audio (bin/distill --gate_by_attention).")
+flags.DEFINE_list("seeds", ["0"], "Student seeds on the demo data (mean and std reported).")
 FLAGS = flags.FLAGS
 
 
@@ -92,48 +102,107 @@ def _pooled_data(out):
   return data
 
 
+def _group_ap(per_class_csv, column, carriers):
+  """Mean AP (in %) per carrier group of the demo's classes."""
+  with open(per_class_csv) as f:
+    rows = list(csv.DictReader(f))
+  groups = {}
+  for row in rows:
+    groups.setdefault(carriers[row["name"]], []).append(float(row[column]))
+  return {k: 100 * float(np.mean(v)) for k, v in groups.items()}
+
+
+def _plot(rows, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+  names = [r["name"] for r in rows][::-1]
+  means = [r["mAP"] for r in rows][::-1]
+  errs = [r["std"] for r in rows][::-1]
+  ax.barh(names, means, xerr=errs, color="#4477aa", capsize=3)
+  low = min(means) - 5
+  ax.set_xlim(low, 100)
+  for i, m in enumerate(means):
+    ax.text(m + 0.3, i, f"{m:.2f}", va="center", fontsize=8)
+  ax.set_xlabel("eval mAP (%), mean and std over seeds")
+  ax.set_title("On-device student (demo data): what each teacher adds")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def demo(out):
   d = FLAGS.demo_dir
   data = os.path.join(d, "prepared")
+  with open(os.path.join(d, "data", "ground_truth.json")) as f:
+    carriers = {c["name"]: c["carrier"] for c in json.load(f)["classes"]}
   common = dict(data_dir=data, train_splits=("train",), validation_splits=("validation",),
                 num_frames=288, epochs=FLAGS.demo_epochs)
   audio_t = os.path.join(d, "audio", "model.keras")
+  audio_teacher = dict(teacher_audio_model=audio_t)
   av_teacher = dict(teacher_audio_model=audio_t,
                     teacher_visual_model=os.path.join(d, "visual", "model.keras"),
                     teacher_fusion_model=os.path.join(d, "fusion", FLAGS.fusion, "model.keras"))
-  gated = dict(av_teacher, distill_gate=True)
-  runs = {
-      "student, labels only": _student("demo_labels", out, **common),
-      "student, audio teacher": _student("demo_audio_teacher", out,
-                                         dict(teacher_audio_model=audio_t), **common),
-      f"student, audiovisual teacher ({FLAGS.fusion} fusion)": _student(
-          "demo_av_teacher", out, av_teacher, **common),
-      "student, audiovisual teacher gated by its attention on audio": _student(
-          "demo_av_gated", out, gated, **common),
-  }
+  specs = [("student, labels only", "demo_labels", None, common),
+           ("student, audio teacher", "demo_audio_teacher", audio_teacher, common),
+           (f"student, audiovisual teacher ({FLAGS.fusion} fusion)", "demo_av_teacher",
+            av_teacher, common),
+           ("student, audiovisual teacher, not calibrated", "demo_av_uncalibrated",
+            dict(av_teacher, distill_calibrate=False), common)]
+  if FLAGS.gated:
+    specs.append(("student, audiovisual teacher gated by its attention on audio",
+                  "demo_av_gated", dict(av_teacher, distill_gate=True), common))
   if FLAGS.pool:
     pooled = dict(common, data_dir=_pooled_data(out), unlabeled_splits=("pool",))
-    runs[f"student, audio teacher + {FLAGS.pool} unlabeled clips"] = _student(
-        "demo_audio_teacher_pool", out, dict(teacher_audio_model=audio_t), **pooled)
-    runs[f"student, audiovisual teacher + {FLAGS.pool} unlabeled clips"] = _student(
-        "demo_av_teacher_pool", out, av_teacher, **pooled)
-    runs[f"student, gated audiovisual teacher + {FLAGS.pool} unlabeled clips"] = _student(
-        "demo_av_gated_pool", out, gated, **pooled)
-  rows = []
-  teacher_audio = _eval(audio_t, data, "eval", os.path.join(out, "eval_demo_teacher_audio"))
-  rows.append(("teacher: audio model (Table 1, width 0.125)", teacher_audio["mAP"],
-               models.count_flops(keras.models.load_model(audio_t))))
-  fused = os.path.join(d, "report", "report.md")
-  for name, path in runs.items():
-    s = _eval(path, data, "eval", os.path.join(out, "eval_" + os.path.basename(
-        os.path.dirname(path))))
-    rows.append((name, s["mAP"], models.count_flops(keras.models.load_model(path))))
-  lines = ["| model (demo eval split, 150 clips) | eval mAP | parameters | GFLOP per 10 s |",
-           "|---|---|---|---|"]
-  lines += [f"| {n} | {100 * m:.2f} | {f['parameters']:,} | {f['flops'] / 1e9:.3f} |"
-            for n, m, f in rows]
-  lines.append(f"\nThe audiovisual teacher's own eval mAP is in {fused} "
-               f"({FLAGS.fusion} fusion).")
+    specs += [(f"student, audio teacher + {FLAGS.pool} unlabeled clips",
+               "demo_audio_teacher_pool", audio_teacher, pooled),
+              (f"student, audiovisual teacher + {FLAGS.pool} unlabeled clips",
+               "demo_av_teacher_pool", av_teacher, pooled)]
+  seeds = [int(s) for s in FLAGS.seeds]
+  teacher_eval = _eval(audio_t, data, "eval", os.path.join(out, "eval_demo_teacher_audio"))
+  fusion_column = f"AP {'Attention fusion (multimodal)' if FLAGS.fusion == 'attention' else ''}"
+  report_csv = os.path.join(d, "report", "per_class.csv")
+  rows = [dict(name="teacher: audio model (Table 1, width 0.125)", mAP=100 * teacher_eval["mAP"],
+               std=0.0, groups=_group_ap(os.path.join(out, "eval_demo_teacher_audio",
+                                                      "per_class.csv"),
+                                         "average_precision", carriers),
+               flops=models.count_flops(keras.models.load_model(audio_t)))]
+  if FLAGS.fusion == "attention" and os.path.exists(report_csv):
+    groups = _group_ap(report_csv, fusion_column, carriers)
+    with open(report_csv) as f:
+      fused = [float(r[fusion_column]) for r in csv.DictReader(f)]
+    rows.append(dict(name="teacher: audiovisual (attention fusion; audio + visual input)",
+                     mAP=100 * float(np.mean(fused)), std=0.0, groups=groups, flops=None))
+  for name, run_dir, teacher, kw in specs:
+    maps, groups, path = [], [], None
+    for seed in seeds:
+      suffix = "" if seed == 0 else f"_seed{seed}"
+      path = _student(run_dir + suffix, out, teacher, seed=seed, **kw)
+      eval_dir = os.path.join(out, f"eval_{run_dir}{suffix}")
+      maps.append(100 * _eval(path, data, "eval", eval_dir)["mAP"])
+      groups.append(_group_ap(os.path.join(eval_dir, "per_class.csv"), "average_precision",
+                              carriers))
+    rows.append(dict(name=name, mAP=float(np.mean(maps)), std=float(np.std(maps)),
+                     runs=maps, groups={k: float(np.mean([g[k] for g in groups]))
+                                        for k in groups[0]},
+                     flops=models.count_flops(keras.models.load_model(path))))
+  lines = [f"Demo eval split (150 clips); students: mean (std) over seeds {FLAGS.seeds}. "
+           "AP per class group: classes told apart by sound (audio), mainly by sight "
+           "(visual), by both.", "",
+           "| model | eval mAP | audio | visual | both | parameters | GFLOP per 10 s |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    g = r["groups"]
+    spread = f" ({r['std']:.2f})" if len(seeds) > 1 and "runs" in r else ""
+    cost = (f"{r['flops']['parameters']:,} | {r['flops']['flops'] / 1e9:.3f}" if r["flops"]
+            else "- | -")
+    lines.append(f"| {r['name']} | {r['mAP']:.2f}{spread} | {g['audio']:.2f} | "
+                 f"{g['visual']:.2f} | {g['both']:.2f} | {cost} |")
+  plot = os.path.join(out, "distill_demo.png")
+  _plot([r for r in rows if "runs" in r], plot)
+  files.write_json(os.path.join(out, "distill_demo.json"), rows)
+  lines.append(f"\nPlot: {plot}")
   return "\n".join(lines)
 
 
@@ -223,7 +292,9 @@ def esc10(out):
                   mixup_alpha=settings.get("mixup_alpha", 0.0),
                   time_mask=settings.get("time_mask", 0), freq_mask=settings.get("freq_mask", 0))
     results = [_eval(teacher, data, k, os.path.join(out, f"eval_esc_teacher{k}"))]
-    for name, t in (("labels", None), ("audio_teacher", dict(teacher_audio_model=teacher))):
+    # The validation split is the test fold here: the teacher is not calibrated on it.
+    for name, t in (("labels", None), ("audio_teacher", dict(teacher_audio_model=teacher,
+                                                              distill_calibrate=False))):
       path = _student(f"esc10_fold{k}_{name}", out, t, **common)
       results.append(_eval(path, data, k, os.path.join(out, f"eval_esc_{name}{k}")))
     lines.append(f"| {k} | " + " | ".join(

@@ -14,7 +14,7 @@ Stages (each skipped when its output is complete, so a rerun resumes):
 The truth check compares the report with the generator's ground truth: the best fusion
 model against the better single modality, attention against average fusion, and the
 Spearman rank correlation between each class's mean attention weight on audio and its
-carrier (audio-only = 1, both = 0.5, visual-only = 0).
+carrier (audio = 1, both = 0.5, visual = 0).
 
 Frame embeddings come from the weight-free ``color_layout`` embedder (no ImageNet weights
 can be downloaded here); the report says so.

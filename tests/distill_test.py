@@ -99,6 +99,43 @@ def test_distillation_loss_is_the_stated_formula(temperature):
     training.Distiller(student, _Fixed(q), alpha=1.5)
 
 
+def test_teacher_calibration_is_per_class_platt_scaling():
+  """A teacher whose scores squash calibrated probabilities: calibration keeps each class's
+  ranking, matches the mean score to the positive rate (the logistic regression's intercept
+  condition) and matches an independent Newton fit of the same regularized likelihood."""
+  rng = np.random.default_rng(0)
+  n = 400
+  true_logit = rng.normal(0, 3, [n, 3])
+  y = (rng.random([n, 3]) < 1 / (1 + np.exp(-true_logit))).astype("float32")
+  y[:, 2] = 0  # a class without positives keeps its scores
+  squashed = 1 / (1 + np.exp(-(0.3 * true_logit - 1.0)))
+  x = squashed.astype("float32")
+  scores = keras.Input([3])
+  teacher = keras.Model(scores, keras.layers.Identity()(scores))
+  calibrated, report = training.calibrate_teacher(
+      teacher, tf.data.Dataset.from_tensor_slices((x, y)).batch(64))
+  after = np.asarray(calibrated(x))
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  for c in (0, 1):
+    assert metrics.average_precision_score(y[:, c], after[:, c]) == pytest.approx(
+        metrics.average_precision_score(y[:, c], x[:, c]))
+    assert after[:, c].mean() == pytest.approx(y[:, c].mean(), abs=2e-3)
+    # Newton's method on sum(log-loss) + 0.5 * slope^2 (scikit-learn's C = 1 penalty).
+    z = np.log(x[:, c]) - np.log1p(-x[:, c])
+    w = np.zeros(2)
+    for _ in range(50):
+      p = 1 / (1 + np.exp(-(w[0] * z + w[1])))
+      grad = np.array([np.sum((p - y[:, c]) * z) + w[0], np.sum(p - y[:, c])])
+      h = p * (1 - p)
+      hess = np.array([[np.sum(h * z * z) + 1, np.sum(h * z)], [np.sum(h * z), np.sum(h)]])
+      w -= np.linalg.solve(hess, grad)
+    assert report["slope"][c] == pytest.approx(w[0], rel=1e-3)
+    assert report["intercept"][c] == pytest.approx(w[1], rel=1e-3, abs=1e-3)
+  assert report["slope"][0] == pytest.approx(1 / 0.3, rel=0.15)  # undoes the squashing
+  np.testing.assert_allclose(after[:, 2], x[:, 2], rtol=1e-4)
+  assert after[:, 0].std() > 1.5 * x[:, 0].std()  # the squashed scores are spread again
+
+
 @pytest.fixture(scope="module")
 def av_system(tmp_path_factory):
   """Synthetic prepared data and a small audiovisual teacher (audio, visual, fusion)."""
@@ -167,6 +204,9 @@ def test_binary_trains_a_student(av_system, tmp_path, teacher):
   assert config["architecture"] == "mobile_mil" and config["distill_temperature"] == 2.0
   with open(tmp_path / "student" / "history.csv") as f:
     assert len(f.read().strip().splitlines()) == 3  # header + 2 epochs
+  with open(tmp_path / "student" / "teacher_calibration.json") as f:
+    calibration = json.load(f)
+  assert calibration["num_examples"] == 16 and len(calibration["slope"]) == 4
 
 
 def test_binary_errors(av_system, tmp_path):

@@ -77,12 +77,19 @@ def test_files_decode_and_show_their_events(generated):
 
 
 def test_modalities_carry_what_the_design_says():
-  """Audio-only classes share one picture, visual-only classes share one sound."""
+  """Audio-only classes share one picture; visual classes make the same hum at four pitches
+  4 Hz apart (alike, not identical: the vacuum cleaner and the hair dryer)."""
   groups = {}
   for c in synthetic_av.CLASSES:
     groups.setdefault(c.carrier, []).append(c)
   assert len({c.picture for c in groups["audio"]}) == 1
   assert len({c.sound for c in groups["audio"]}) == 4
-  assert len({c.sound for c in groups["visual"]}) == 1
+  hums = sorted(c.sound for c in groups["visual"])
+  assert hums == ["hum_56", "hum_60", "hum_64", "hum_68"]
+  rng = np.random.default_rng(0)
+  n = synthetic_av.SAMPLE_RATE
+  spectra = [np.abs(np.fft.rfft(synthetic_av._sound(h, n, rng))) for h in hums]  # pylint: disable=protected-access
+  for f0, spectrum in zip((56, 60, 64, 68), spectra):  # 1 Hz bins: peaks at k * f0
+    assert sorted(np.argsort(spectrum)[-4:]) == [f0, 2 * f0, 3 * f0, 4 * f0]
   assert len({c.picture for c in groups["visual"]}) == 4
   assert len({c.sound for c in groups["both"]}) == len({c.picture for c in groups["both"]}) == 4
