@@ -40,8 +40,7 @@ bench-esc10: install
 # The on-device student against its teachers (needs the demo's and the ESC-10 run's models).
 bench-distill: demo bench-esc10
 	$(PY) benchmarks/distill_benchmark.py --demo_dir=demo_out --seeds=0,1,2 \
-	    --esc10_dir=out/esc10_bench \
-	    --folds=1,2,3,4,5 --out=out/distill
+	    --esc10_dir=out/esc10_bench --folds=1,2,3,4,5 --out=out/distill
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

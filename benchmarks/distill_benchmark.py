@@ -213,7 +213,6 @@ def demo(out):
 def missing_labels_demo(out):
   """Teachers (audio, visual, attention fusion) and students trained on labels with
   missing positives; evaluated on the clean eval split."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from av_sound_tf import fusion_training, predict  # pylint: disable=g-import-not-at-top
   from av_sound_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
   from data_prep import inputs, prepare  # pylint: disable=g-import-not-at-top
@@ -224,7 +223,6 @@ def missing_labels_demo(out):
   dropped = kept = 0
   if not os.path.exists(os.path.join(data, "dataset_info.json")):
     os.makedirs(root, exist_ok=True)
-    import csv  # pylint: disable=g-import-not-at-top
     rng = np.random.default_rng(0)
     rows = ["path,labels,split"]
     with open(os.path.join(demo_data, "labels.csv")) as f:
