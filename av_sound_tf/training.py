@@ -424,15 +424,16 @@ def calibrate_teacher(teacher: keras.Model, dataset: tf.data.Dataset):
     if 0 < y.sum() < len(y):
       fit = linear_model.LogisticRegression().fit(logits[:, c:c + 1], y)
       slope[c], intercept[c] = fit.coef_[0, 0], fit.intercept_[0]
-  after = 1 / (1 + np.exp(-(slope * logits + intercept)))
+  platt = PlattScaling(slope, intercept, name="platt_scaling")
+  after = np.asarray(platt(scores.astype(np.float32)))
   pos, neg = labels > 0, labels <= 0
   mean = lambda x, m: float(x[m].mean()) if m.any() else float("nan")  # pylint: disable=unnecessary-lambda-assignment
   report = {"num_examples": int(len(labels)), "slope": slope.tolist(),
             "intercept": intercept.tolist(),
             "mean_positive_before": mean(scores, pos), "mean_negative_before": mean(scores, neg),
             "mean_positive_after": mean(after, pos), "mean_negative_after": mean(after, neg)}
-  calibrated = PlattScaling(slope, intercept, name="platt_scaling")(teacher.output)
-  return keras.Model(teacher.inputs, calibrated, name=f"calibrated_{teacher.name}"), report
+  return keras.Model(teacher.inputs, platt(teacher.output),
+                     name=f"calibrated_{teacher.name}"), report
 
 
 def _best_so_far(history_path):
@@ -585,9 +586,9 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
       model = Distiller(student, teacher, config.secost_alpha)
     elif distill_teacher is not None:
       if config.distill_calibrate:
-        calibration_ds = pipeline.eval_dataset(
-            data.validation_files, dataclasses.replace(train_cfg, mixup_alpha=0.0))
-        distill_teacher, report = calibrate_teacher(distill_teacher, calibration_ds)
+        # The teacher's inputs (train_cfg's kind); eval_dataset never mixes or masks.
+        distill_teacher, report = calibrate_teacher(
+            distill_teacher, pipeline.eval_dataset(data.validation_files, train_cfg))
         files.write_json(tf.io.gfile.join(stage_dir, "teacher_calibration.json"), report)
         logging.info("Teacher calibrated on %d validation clips: mean score of positives "
                      "%.3f -> %.3f, of negatives %.3f -> %.3f.", report["num_examples"],

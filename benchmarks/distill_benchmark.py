@@ -102,13 +102,17 @@ def _pooled_data(out):
   return data
 
 
-def _group_ap(per_class_csv, column, carriers):
-  """Mean AP (in %) per carrier group of the demo's classes."""
+def _class_ap(per_class_csv, column):
+  """{class name: AP} from a per_class.csv (bin/evaluate_model's or the demo report's)."""
   with open(per_class_csv) as f:
-    rows = list(csv.DictReader(f))
+    return {row["name"]: float(row[column]) for row in csv.DictReader(f)}
+
+
+def _group_ap(class_ap, carriers):
+  """Mean AP (in %) per carrier group of the demo's classes."""
   groups = {}
-  for row in rows:
-    groups.setdefault(carriers[row["name"]], []).append(float(row[column]))
+  for name, ap in class_ap.items():
+    groups.setdefault(carriers[name], []).append(ap)
   return {k: 100 * float(np.mean(v)) for k, v in groups.items()}
 
 
@@ -164,19 +168,17 @@ def demo(out):
                "demo_av_teacher_pool", av_teacher, pooled)]
   seeds = [int(s) for s in FLAGS.seeds]
   teacher_eval = _eval(audio_t, data, "eval", os.path.join(out, "eval_demo_teacher_audio"))
-  fusion_column = "AP Attention fusion (multimodal)"
   report_csv = os.path.join(d, "report", "per_class.csv")
   rows = [dict(name="teacher: audio model (Table 1, width 0.125)", mAP=100 * teacher_eval["mAP"],
-               std=0.0, groups=_group_ap(os.path.join(out, "eval_demo_teacher_audio",
-                                                      "per_class.csv"),
-                                         "average_precision", carriers),
+               std=0.0, groups=_group_ap(_class_ap(os.path.join(
+                   out, "eval_demo_teacher_audio", "per_class.csv"), "average_precision"),
+                                         carriers),
                flops=models.count_flops(keras.models.load_model(audio_t)))]
   if FLAGS.fusion == "attention" and os.path.exists(report_csv):
-    groups = _group_ap(report_csv, fusion_column, carriers)
-    with open(report_csv) as f:
-      fused = [float(r[fusion_column]) for r in csv.DictReader(f)]
+    fused = _class_ap(report_csv, "AP Attention fusion (multimodal)")
     rows.append(dict(name="teacher: audiovisual (attention fusion; audio + visual input)",
-                     mAP=100 * float(np.mean(fused)), std=0.0, groups=groups, flops=None))
+                     mAP=100 * float(np.mean(list(fused.values()))), std=0.0,
+                     groups=_group_ap(fused, carriers), flops=None))
   for name, run_dir, teacher, kw in specs:
     maps, groups, path = [], [], None
     for seed in seeds:
@@ -184,8 +186,8 @@ def demo(out):
       path = _student(run_dir + suffix, out, teacher, seed=seed, **kw)
       eval_dir = os.path.join(out, f"eval_{run_dir}{suffix}")
       maps.append(100 * _eval(path, data, "eval", eval_dir)["mAP"])
-      groups.append(_group_ap(os.path.join(eval_dir, "per_class.csv"), "average_precision",
-                              carriers))
+      groups.append(_group_ap(_class_ap(os.path.join(eval_dir, "per_class.csv"),
+                                        "average_precision"), carriers))
     rows.append(dict(name=name, mAP=float(np.mean(maps)), std=float(np.std(maps)),
                      runs=maps, groups={k: float(np.mean([g[k] for g in groups]))
                                         for k in groups[0]},
