@@ -7,6 +7,8 @@ resumed run) never sees half a file.
 import csv
 import io
 import json
+import os
+import stat
 from typing import Optional, Sequence
 
 import tensorflow as tf
@@ -45,3 +47,27 @@ def save_figure(fig, path: str, dpi: int = 110):
 
 def write_json(path: str, value, sort_keys=False):
   write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys))
+
+
+def not_regular_file_reason(path: str) -> Optional[str]:
+  """Why `path` cannot be read as a file (a FIFO, socket, device or folder), or None.
+
+  Opening a FIFO blocks until a writer appears, so every reader of user-named files checks
+  this first (with `os.stat`, which follows symlinks and never blocks). Paths on other file
+  systems (``gs://``) hold only regular objects and are not checked here.
+  """
+  if "://" in path:
+    return None
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    return None  # the caller's own "file not found"
+  except OSError as e:
+    return f"cannot stat ({e.strerror})"
+  if stat.S_ISREG(mode):
+    return None
+  kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+          "a folder" if stat.S_ISDIR(mode) else
+          "a socket" if stat.S_ISSOCK(mode) else
+          "a device" if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "not a regular file")
+  return f"not a regular file: {kind}"

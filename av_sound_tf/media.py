@@ -23,6 +23,8 @@ import numpy as np
 import soxr
 import tensorflow as tf
 
+from av_sound_tf import files
+
 SAMPLE_RATE = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".m4a", ".aac", ".opus", ".wma",
                     ".aiff", ".aif")
@@ -54,6 +56,9 @@ class MediaInfo:
 
 def _open(path):
   """Opens a local path directly, anything else (gs://, ...) through tf.io.gfile."""
+  not_regular = files.not_regular_file_reason(path)
+  if not_regular:  # FFmpeg would block forever on a FIFO
+    raise MediaError(path, not_regular)
   try:
     if "://" in path:
       return av.open(tf.io.gfile.GFile(path, "rb"))
