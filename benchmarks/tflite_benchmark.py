@@ -31,6 +31,7 @@ flags.DEFINE_string("audio_model", None, "A .keras audio model; default: full-si
 flags.DEFINE_enum("architecture", "mil_convnet", ["mil_convnet", "mobile_mil"],
                   "Without --audio_model: the random full-size (width 1, 527 classes) model "
                   "of this architecture (mobile_mil: the on-device student).")
+flags.DEFINE_float("width", 1.0, "Without --audio_model: width multiplier of the random model.")
 flags.DEFINE_string("data_dir", None, "Prepared data for int8 calibration.")
 flags.DEFINE_string("split", "train", "Calibration split.")
 flags.DEFINE_float("window_seconds", 1.0, "TFLite window.")
@@ -44,8 +45,8 @@ def main(argv):
     if not model_path:
       keras.utils.set_random_seed(0)
       model_path = os.path.join(tmp, "full.keras")
-      models.AUDIO_ARCHITECTURES[FLAGS.architecture](num_classes=527,
-                                                     num_frames=1024).save(model_path)
+      models.AUDIO_ARCHITECTURES[FLAGS.architecture](
+          num_classes=527, num_frames=1024, width=FLAGS.width).save(model_path)
     model = keras.models.load_model(model_path)
     labels_path = os.path.join(tmp, "labels.csv")
     labels.LabelMap([f"/m/{i}" for i in range(model.num_classes)],
@@ -54,9 +55,12 @@ def main(argv):
     paths = tflite.convert(model_path, labels_path, os.path.join(tmp, "out"), variants,
                            FLAGS.window_seconds, FLAGS.data_dir, FLAGS.split,
                            calibration_windows=32)
-    print(f"model: {model_path if FLAGS.audio_model else FLAGS.architecture + ', width 1, 527 classes'} "
-          f"({model.count_params() / 1e6:.2f} M parameters); window {FLAGS.window_seconds} s; "
-          f"{os.cpu_count()} CPUs")
+    cost = models.count_flops(model)
+    name = model_path if FLAGS.audio_model else (
+        f"{FLAGS.architecture}, width {FLAGS.width:g}, 527 classes, random weights")
+    print(f"model: {name} ({cost['parameters'] / 1e6:.2f} M parameters, "
+          f"{cost['flops'] / 1e9:.3f} GFLOP per 10 s by models.count_flops); window "
+          f"{FLAGS.window_seconds} s; {os.cpu_count()} CPUs")
     print("variant   size MB   ms/window (1 thread)   ms/window (2 threads)   real-time factor")
     window = np.random.default_rng(0).uniform(-0.3, 0.3, [1, int(FLAGS.window_seconds * 16000)])
     for variant, path in paths.items():
