@@ -8,10 +8,15 @@ The canonical order (TF guide "Better performance with the tf.data API"; officia
   `av_sound_tf.schema`) -> crop/pad -> batch -> augment -> prefetch.
 
 Training streams are endless and **epoch-seeded**: pass ``e`` over the data shuffles with
-seed ``(seed, e)`` and every random choice (crop offset, mixup) is a stateless function of
-the seed and the element's position. A run resumed at epoch ``k`` (`initial_epoch`) therefore
-sees exactly the batches the uninterrupted run saw; that is what makes BackupAndRestore
-exact. Evaluation streams are finite, deterministic and unshuffled.
+seed ``(seed, e)`` and every random choice is a stateless function of the seed and a stream
+position: the crop offset and the SpecAugment masks of the record at position ``i`` use
+seed ``(seed, i)``, the mixup weights of batch ``b`` use ``(seed + 7919, b)``, and both
+positions count from the start of training (a resumed stream starts counting where the
+backup's epoch ended). No stateful random op runs in the pipeline. A run resumed at epoch
+``k`` (`initial_epoch`) therefore sees exactly the batches, masks and mixing weights the
+uninterrupted run saw; that is what makes BackupAndRestore exact
+(tests/training_test.py::test_augmented_run_resumes_exactly). Evaluation streams are finite,
+deterministic and unshuffled.
 
 Crops: training takes a random ``num_frames`` window of each log-mel (1024 frames = 10.24 s
 by default); evaluation takes the window from the start of the clip (``eval_crop="start"``)
@@ -27,8 +32,9 @@ w = sum_c y_c / count_c (AST / EfficientAT), scaled so that they average 1 over 
 set; a clip of a rare class weighs more. Examples without labels get weight 1.
 
 Augmentations (off by default): mixup (``mixup_alpha``, Beta(a, a) per example, mixed with
-the batch reversed) and SpecAugment masks (``time_mask``/``freq_mask`` maximum widths,
-tensorflow-io's ``tfio.audio.time_mask``/``freq_mask``).
+the batch reversed) and SpecAugment masks (``time_mask``/``freq_mask`` maximum widths: one
+band of width w ~ U{0..max} frames, at a start ~ U{0..frames - w}, and one of mel bins, set
+to the log-mel floor; `spec_augment`).
 """
 
 import dataclasses
@@ -157,16 +163,38 @@ def _features(ex, config, training, seed):
     offset = 0
   x = crop_or_pad(ex["log_mel"], config.num_frames, offset, config.log_floor)
   if training and (config.time_mask or config.freq_mask):
-    # tensorflow-io's masks write zeros; shifting by the floor makes masked cells silence
-    # (log-mel floor) rather than a loud log value of 0.
-    import tensorflow_io as tfio  # pylint: disable=g-import-not-at-top
-    x = x - config.log_floor
-    if config.time_mask:
-      x = tfio.audio.time_mask(x, param=config.time_mask)
-    if config.freq_mask:
-      x = tfio.audio.freq_mask(x, param=config.freq_mask)
-    x = x + config.log_floor
+    x = spec_augment(x, seed, config.time_mask, config.freq_mask, config.log_floor)
   return x
+
+
+def _band(seed, size, max_width):
+  """(start, width) of a mask band: width ~ U{0..max_width} (at most `size`), start ~
+  U{0..size - width}; stateless in `seed`."""
+  width = tf.random.stateless_uniform([], seed, 0, tf.minimum(max_width, size) + 1,
+                                      dtype=tf.int32)
+  start = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed, 1),
+                                      0, size - width + 1, dtype=tf.int32)
+  return start, width
+
+
+def spec_augment(log_mel, seed, time_mask, freq_mask, floor):
+  """SpecAugment (Park et al. 2019) on one log-mel [frames, bins]: one band of at most
+  `time_mask` frames and one of at most `freq_mask` mel bins set to `floor` (silence).
+
+  Stateless: the bands are a function of `seed` (shape [2], int64) alone, so a resumed run
+  draws the masks the uninterrupted run drew. A max width of 0 leaves that axis alone.
+  """
+  shape = tf.shape(log_mel)
+  masked = tf.zeros_like(log_mel, dtype=tf.bool)
+  for axis, max_width, salt in ((0, time_mask, 1), (1, freq_mask, 2)):
+    if not max_width:
+      continue
+    start, width = _band(tf.random.experimental.stateless_fold_in(seed, 7000 + salt),
+                         shape[axis], max_width)
+    index = tf.range(shape[axis])
+    inside = (index >= start) & (index < start + width)
+    masked |= inside[:, None] if axis == 0 else inside[None, :]
+  return tf.where(masked, tf.cast(floor, log_mel.dtype), log_mel)
 
 
 def class_balance_weights(class_counts: Sequence[int], num_examples: int) -> np.ndarray:
@@ -290,8 +318,10 @@ def train_dataset(files: Sequence[str], config: InputConfig, num_examples: Optio
   ds = ds.map(to_features, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(config.batch_size, drop_remainder=True)
   if config.mixup_alpha > 0:
-    ds = ds.enumerate().map(lambda b, batch: _mixup(batch, b, config),
-                            num_parallel_calls=tf.data.AUTOTUNE)
+    # Batch positions count from the start of training, like the record positions: a
+    # resumed stream's first batch is batch `consumed / batch_size` of the uninterrupted one.
+    ds = ds.enumerate(start=consumed // config.batch_size).map(
+        lambda b, batch: _mixup(batch, b, config), num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 

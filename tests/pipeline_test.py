@@ -78,10 +78,16 @@ def test_train_batches_and_random_crops(data):
     assert found
 
 
-def test_train_stream_is_deterministic_and_resumes_exactly(data):
+AUGMENTED = dict(mixup_alpha=0.2, time_mask=48, freq_mask=8)
+
+
+@pytest.mark.parametrize("augment", [{}, AUGMENTED], ids=["plain", "augmented"])
+def test_train_stream_is_deterministic_and_resumes_exactly(data, augment):
+  """A stream resumed at epoch 3 replays the uninterrupted stream's batches 15-19 exactly,
+  crops, SpecAugment masks and mixup weights included."""
   out, _ = data
   files = schema.list_shards(out, "train")
-  cfg = _cfg()
+  cfg = _cfg(**augment)
   steps = 5  # an epoch shorter than a pass (30 examples / batch 4 = 7.5 batches)
   a = _take(pipeline.train_dataset(files, cfg, num_examples=30), 20)
   b = _take(pipeline.train_dataset(files, cfg, num_examples=30), 20)
@@ -124,17 +130,82 @@ def test_class_balance_weights(data):
     pipeline.train_dataset(files, cfg, num_examples=30)
 
 
-def test_mixup_and_masks(data):
+def test_mixup_mixes_examples_and_labels_with_one_weight(data):
+  """Each mixed row is lam * row + (1 - lam) * the reversed batch's row, for the features
+  and the labels with the same lam, against the same stream without mixup."""
   out, _ = data
   files = schema.list_shards(out, "train")
-  x, y = _take(pipeline.train_dataset(files, _cfg(mixup_alpha=0.4), num_examples=30), 1)[0]
-  assert np.all(y >= 0) and np.all(y <= 1)
-  np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-5)  # single-label rows mix to 1
-  assert np.any((y > 0.01) & (y < 0.99))
-  x, _ = _take(pipeline.train_dataset(files, _cfg(time_mask=50, freq_mask=10),
-                                      num_examples=30), 1)[0]
-  # Masked cells hold the log-mel floor (silence), never a loud 0.
-  assert np.any(np.isclose(x, FLOOR)) and not np.any(x == 0.0)
+  cfg = _cfg(num_frames=96, batch_size=6)
+  plain = _take(pipeline.train_dataset(files, cfg, num_examples=30), 3)
+  mixed = _take(pipeline.train_dataset(files, _cfg(num_frames=96, batch_size=6,
+                                                   mixup_alpha=0.4), num_examples=30), 3)
+  lams = []
+  for (x0, y0), (x, y) in zip(plain, mixed):
+    for i in range(len(y)):
+      j = len(y) - 1 - i
+      if np.array_equal(y0[i], y0[j]):
+        continue  # same class: the labels do not show lam
+      c = int(np.argmax(y0[i]))
+      lam = y[i, c]  # single-label rows: y_i = lam e_c + (1 - lam) e_c'
+      lams.append(lam)
+      np.testing.assert_allclose(y[i], lam * y0[i] + (1 - lam) * y0[j], atol=1e-6)
+      np.testing.assert_allclose(x[i], lam * x0[i] + (1 - lam) * x0[j], atol=1e-4)
+  assert len(lams) >= 6 and 0.05 < np.std(lams)  # Beta(0.4, 0.4): spread, not constant
+  assert not np.array_equal(mixed[0][0], plain[0][0])
+
+
+def test_spec_augment_masks_one_band_of_each_axis_exactly():
+  """Inputs far from the floor: exactly one contiguous band of rows and one of columns
+  becomes the floor, of widths 0..max (each width drawn), and nothing else changes."""
+  x = np.full([40, 16], 2.5, np.float32) + np.arange(16, dtype=np.float32)
+  widths = {"time": set(), "freq": set()}
+  for k in range(200):
+    got = pipeline.spec_augment(tf.constant(x), tf.constant([7, k], tf.int64), 5, 3,
+                                FLOOR).numpy()
+    floor = got == np.float32(FLOOR)
+    rows = np.flatnonzero(floor.all(axis=1))
+    cols = np.flatnonzero(floor.all(axis=0))
+    for band, size, name in ((rows, 40, "time"), (cols, 16, "freq")):
+      if len(band):
+        assert np.array_equal(band, np.arange(band[0], band[0] + len(band)))
+        assert band[-1] < size
+      widths[name].add(len(band))
+    expected = x.copy()
+    expected[rows, :] = FLOOR
+    expected[:, cols] = FLOOR
+    np.testing.assert_array_equal(got, expected)  # nothing outside the bands moved
+    again = pipeline.spec_augment(tf.constant(x), tf.constant([7, k], tf.int64), 5, 3, FLOOR)
+    np.testing.assert_array_equal(again.numpy(), got)  # a function of the seed
+  assert widths == {"time": {0, 1, 2, 3, 4, 5}, "freq": {0, 1, 2, 3}}
+  np.testing.assert_array_equal(
+      pipeline.spec_augment(tf.constant(x), tf.constant([7, 0], tf.int64), 0, 0, FLOOR), x)
+
+
+def test_train_masks_replace_cells_of_the_unmasked_crop_with_the_floor(data):
+  """In the training stream (crops of 96 frames from clips of 100 or more: no padding), the
+  masked batch equals the unmasked one except for one band of frames and one of mel bins per
+  example, which hold the log-mel floor."""
+  out, _ = data
+  files = schema.list_shards(out, "train")
+  cfg = _cfg(num_frames=96, batch_size=10)
+  (x0, y0), = _take(pipeline.train_dataset(files, cfg, num_examples=30), 1)
+  (x, y), = _take(pipeline.train_dataset(files, _cfg(num_frames=96, batch_size=10,
+                                                     time_mask=20, freq_mask=6),
+                                         num_examples=30), 1)
+  np.testing.assert_array_equal(y, y0)
+  assert not np.any(x0 == np.float32(FLOOR))  # the inputs differ from the mask value
+  masked_cells = 0
+  for a, b in zip(x0, x):
+    floor = b == np.float32(FLOOR)
+    rows = np.flatnonzero(floor.all(axis=1))
+    cols = np.flatnonzero(floor.all(axis=0))
+    assert len(rows) <= 20 and len(cols) <= 6
+    expected = a.copy()
+    expected[rows, :] = FLOOR
+    expected[:, cols] = FLOOR
+    np.testing.assert_array_equal(b, expected)
+    masked_cells += floor.sum()
+  assert masked_cells > 0
 
 
 def test_visual_pipeline(data):
@@ -182,4 +253,9 @@ def test_audioset_embedding_pipeline(tmp_path):
   cfg = pipeline.InputConfig(kind="embedding", num_classes=527, batch_size=3, shuffle_buffer=4)
   x, y = _take(pipeline.train_dataset([path], cfg), 1)[0]
   assert x.shape == (3, 10, 128) and y.shape == (3, 527)
-  assert np.all(x >= -2) and np.all(x <= 2)
+  # Each example is one written clip, dequantized q / 255 * 4 - 2, with its label.
+  rng = np.random.default_rng(0)
+  written = [rng.integers(0, 256, [10, 128]) / 255.0 * 4 - 2 for _ in range(6)]
+  for row, labels in zip(x, y):
+    (i,) = [i for i in range(6) if np.allclose(row, written[i], atol=1e-6)]
+    np.testing.assert_array_equal(np.flatnonzero(labels), [i % 527])

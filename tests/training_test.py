@@ -98,6 +98,24 @@ def test_resume_after_crash_equals_uninterrupted(prepared, tmp_path):
     assert len(f.read().strip().splitlines()) == 1 + 4  # header + one row per epoch
 
 
+def test_augmented_run_resumes_exactly(prepared, tmp_path):
+  """The ESC-10 benchmark's augmentation (mixup, SpecAugment time and frequency masks, cosine
+  learning rate) draws every mask and mixing weight from (seed, epoch, step): a run killed
+  after an epoch and resumed ends with the uninterrupted run's weights (1e-6)."""
+  augmented = dict(kind="audio", width=0.0625, epochs=3, mixup_alpha=0.2, time_mask=24,
+                   freq_mask=8, lr_schedule="cosine", model_selection="last")
+  straight = training.train(_config(prepared, str(tmp_path / "straight"), **augmented))
+  crashed_dir = str(tmp_path / "crashed")
+  with pytest.raises(KeyboardInterrupt):
+    training.train(_config(prepared, crashed_dir, **augmented),
+                   extra_callbacks=[_Crash(epoch=1, batch=1)])
+  with open(os.path.join(crashed_dir, "backup", "training_metadata.json")) as f:
+    assert json.load(f)["epoch"] == 1  # epoch 0 finished before the crash
+  resumed = training.train(_config(prepared, crashed_dir, **augmented))
+  for a, b in zip(_weights(straight["model"]), _weights(resumed["model"])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_audio_training_outputs_and_secost(prepared, tmp_path):
   model_dir = str(tmp_path / "audio")
   summary = training.train(_config(prepared, model_dir, kind="audio", epochs=2,
