@@ -79,7 +79,9 @@ def define_train_flags(flags, kind, batch_size, epochs, architecture="mil_convne
   flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"],
                     "mixed_bfloat16 computes in bfloat16 with float32 weights and scores: "
                     "1.2x faster training, 2x faster inference on CPUs with AVX512-BF16/AMX "
-                    "and on recent GPUs (docs/benchmarks.md).")
+                    "and on recent GPUs (docs/benchmarks.md), but about 10x SLOWER on a CPU "
+                    "without them (no avx512_bf16/amx_bf16 in /proc/cpuinfo) and no GPU, "
+                    "where bfloat16 is emulated: training then warns at the start.")
   flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker_mirrored",
                                              "one_device", "default"],
                     "mirrored: all local GPUs (or the CPU); multi_worker_mirrored: the "

@@ -203,3 +203,42 @@ def test_finished_run_is_not_silently_retrained(prepared, tmp_path):
   with pytest.raises(ValueError, match="finished run"):
     training.train(config)
   assert training.train(config, overwrite=True)["num_examples"] == 16
+
+
+# /proc/cpuinfo lines of the machines the bfloat16 advice is about.
+_CPUINFO_AVX512_NO_BF16 = ("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512dq "
+                           "avx512cd avx512bw avx512vl avx512_vnni\n")
+_CPUINFO_AVX512_BF16 = _CPUINFO_AVX512_NO_BF16.replace("avx512_vnni", "avx512_vnni avx512_bf16")
+_CPUINFO_AMX = _CPUINFO_AVX512_NO_BF16.replace("avx512_vnni", "amx_tile amx_bf16 amx_int8")
+_CPUINFO_ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sha2 crc32 bf16 i8mm\n"
+
+
+def test_bfloat16_warning_detects_cpus_without_native_bfloat16():
+  assert training.cpu_flags(_CPUINFO_AVX512_BF16) >= {"avx512f", "avx512_bf16"}
+  warn = lambda cpuinfo, gpus=(): training.bfloat16_warning(  # pylint: disable=unnecessary-lambda-assignment
+      "mixed_bfloat16", cpuinfo, list(gpus))
+  assert warn(_CPUINFO_AVX512_NO_BF16) == training.BFLOAT16_SLOW_WARNING
+  assert "10x slower" in training.BFLOAT16_SLOW_WARNING
+  assert "--precision=float32" in training.BFLOAT16_SLOW_WARNING
+  assert warn("processor\t: 0\nflags\t\t: fpu sse2 avx2\n") == training.BFLOAT16_SLOW_WARNING
+  for native in (_CPUINFO_AVX512_BF16, _CPUINFO_AMX, _CPUINFO_ARM):
+    assert warn(native) is None, native
+  assert warn("") is None  # nothing known (no /proc/cpuinfo): nothing said
+  assert warn(_CPUINFO_AVX512_NO_BF16, [(9, 0)]) is None  # a bfloat16 GPU does the work
+  assert warn(_CPUINFO_AVX512_NO_BF16, [None]) is None  # a GPU of unknown capability
+  assert "compute capability 7.5" in warn(_CPUINFO_AVX512_NO_BF16, [(7, 5)])
+  assert training.bfloat16_warning("float32", _CPUINFO_AVX512_NO_BF16, []) is None
+
+
+def test_bfloat16_warning_is_logged_at_the_start_of_training(monkeypatch, caplog, tmp_path):
+  monkeypatch.setattr(training, "_read_cpuinfo", lambda: _CPUINFO_AVX512_NO_BF16)
+  monkeypatch.setattr(training, "_gpu_capabilities", lambda: [])
+  config = _config(str(tmp_path / "no_data"), str(tmp_path / "m"), precision="mixed_bfloat16")
+  with pytest.raises(FileNotFoundError):  # the warning comes first, before the data
+    training.train(config)
+  assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+      training.BFLOAT16_SLOW_WARNING]
+  caplog.clear()
+  with pytest.raises(FileNotFoundError):
+    training.train(_config(str(tmp_path / "no_data"), str(tmp_path / "m")))  # float32
+  assert not [r for r in caplog.records if "bfloat16" in r.getMessage()]
