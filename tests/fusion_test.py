@@ -80,10 +80,15 @@ ALL = [("average", "multimodal")] + [(f, "multimodal") for f in ("regression", "
 def test_config_round_trip_and_saving(kind, variant, tmp_path):
   model = fusion.FusionModel(C, kind, **STATS, variant=variant, name=f"f_{kind}_{variant}")
   test_case.run_serialization_test(model)
-  restored = test_case.run_model_saving_test(model, _inputs(), tmp_path)
-  np.testing.assert_allclose(restored.get_layer("standardize_audio").mean
-                             if kind != "average" else 0,
-                             np.full((1, C), 0.3) if kind != "average" else 0, rtol=1e-6)
+  x = _inputs()
+  restored = test_case.run_model_saving_test(model, x, tmp_path)
+  if kind == "average":  # nothing learned: the mean of the two modalities' scores
+    np.testing.assert_allclose(restored(x), (x["h_audio"] + x["h_visual"]) / 2, rtol=1e-6)
+  else:  # the training statistics travel inside the saved model
+    for modality, mean, variance in (("audio", 0.3, 0.04), ("visual", 0.4, 0.05)):
+      layer = restored.get_layer(f"standardize_{modality}")
+      np.testing.assert_allclose(layer.mean, np.full((1, C), mean), rtol=1e-6)
+      np.testing.assert_allclose(layer.variance, np.full((1, C), variance), rtol=1e-6)
 
 
 def test_attention_layer_serialization():
@@ -100,15 +105,73 @@ def test_attention_layer_serialization():
     fusion.FusionModel(C, "concat", **STATS)
 
 
-@pytest.mark.parametrize("variant", fusion.VARIANTS)
-def test_attention_weights_are_a_convex_pair(variant):
-  model = fusion.FusionModel(C, "attention", **STATS, variant=variant)
-  out = fusion.with_attention_weights(model)(_inputs(seed=1))
-  alpha_a = np.asarray(out["attention_weights"])
-  alpha_v = 1.0 - alpha_a
-  assert np.all((alpha_a >= 0) & (alpha_a <= 1))
-  np.testing.assert_allclose(alpha_a + alpha_v, 1.0)
-  assert np.all((np.asarray(out["fused_scores"]) > 0) & (np.asarray(out["fused_scores"]) < 1))
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def _numpy_attention_fusion(w, x, variant, transform):
+  """Eqs. 3-6 in NumPy from the layer's weights `w` (by path): standardize and mask the
+  scores, alpha_a = n_attn(...), h_av = alpha_a n_a(z_a) + (1 - alpha_a) n_v(z_v),
+  o_av = n_av(h_av); a missing modality gets alpha 0 (audio) or 1 (video)."""
+  p_a, p_v = x["audio_present"], x["visual_present"]
+  z_a = np.where(p_a > 0, (x["h_audio"] - STATS["audio_mean"]) / np.sqrt(
+      STATS["audio_variance"]), 0.0)
+  z_v = np.where(p_v > 0, (x["h_visual"] - STATS["visual_mean"]) / np.sqrt(
+      STATS["visual_variance"]), 0.0)
+
+  def n_attn(name, inp):  # dense (no bias), batch norm (inference), ReLU, dense, sigmoid
+    h = inp @ w[f"{name}/{name}_hidden/kernel"]
+    bn = f"{name}/{name}_bn/"
+    h = (h - w[bn + "moving_mean"]) / np.sqrt(w[bn + "moving_variance"] + 1e-3) * w[
+        bn + "gamma"] + w[bn + "beta"]
+    h = np.maximum(h, 0.0)
+    return _sigmoid(h @ w[f"{name}/{name}_out/kernel"] + w[f"{name}/{name}_out/bias"])
+
+  def n(name, inp):  # n_a, n_v, n_av
+    if transform == "per_class":
+      return _sigmoid(inp * w[f"{name}/{name}_per_class/w"] + w[f"{name}/{name}_per_class/b"])
+    if transform == "hidden":
+      inp = _sigmoid(inp @ w[f"{name}/{name}_hidden/kernel"] + w[f"{name}/{name}_hidden/bias"])
+    return _sigmoid(inp @ w[f"{name}/{name}_out/kernel"] + w[f"{name}/{name}_out/bias"])
+
+  if variant in ("self_unimodal", "cross_unimodal"):
+    src_a, src_v = (z_a, z_v) if variant == "self_unimodal" else (z_v, z_a)
+    a_a, a_v = n_attn("n_attn_audio", src_a), n_attn("n_attn_visual", src_v)
+    alpha = a_a / (a_a + a_v + 1e-7)
+  else:
+    alpha = n_attn("n_attn", np.concatenate([z_a, z_v], axis=-1))
+  both = p_a * p_v
+  alpha = both * alpha + (1 - both) * p_a
+  t_a, t_v = (z_a, z_v) if variant == "no_transform" else (n("n_audio", z_a),
+                                                          n("n_visual", z_v))
+  h_av = alpha * t_a + (1 - alpha) * t_v
+  return alpha, (h_av if variant == "no_output_net" else n("n_av", h_av))
+
+
+@pytest.mark.parametrize("variant,transform", [(v, "per_class") for v in fusion.VARIANTS] +
+                         [("multimodal", "dense"), ("multimodal", "hidden")])
+def test_attention_fusion_equals_the_paper_formula(variant, transform):
+  """Random weights everywhere (batch-norm statistics included), then the layer's alpha_a and
+  fused scores against an independent NumPy computation of Eqs. 3-6."""
+  model = fusion.FusionModel(C, "attention", **STATS, variant=variant, transform=transform,
+                             attention_hidden=16, transform_hidden=8)
+  layer = model.get_layer("attention_fusion")
+  rng = np.random.default_rng(5)
+  weights = {}
+  for v in layer.weights:
+    value = (rng.uniform(0.5, 2.0, v.shape) if "moving_variance" in v.path else
+             rng.normal(0, 0.7, v.shape)).astype(np.float32)
+    v.assign(value)
+    weights[v.path.split("attention_fusion/", 1)[1]] = value.astype(np.float64)
+  present_a = np.array([[1], [1], [1], [1], [0], [1]], np.float32)
+  present_v = np.array([[1], [1], [1], [1], [1], [0]], np.float32)
+  x = _inputs(seed=1, present_a=present_a, present_v=present_v)
+  out = fusion.with_attention_weights(model)(x)
+  alpha, fused = _numpy_attention_fusion(weights, x, variant, transform)
+  assert 0.05 < alpha[:4].std()  # sample- and class-specific, not a constant
+  np.testing.assert_allclose(out["attention_weights"], alpha, atol=1e-5)
+  np.testing.assert_allclose(out["fused_scores"], fused, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(out["attention_weights"])[4:], [[0] * C, [1] * C])
 
 
 @pytest.mark.parametrize("kind,variant", ALL)
