@@ -52,10 +52,14 @@ def test_aggregations(method, tmp_path):
       "max": scores.max(axis=1),
       "linear_softmax": (scores ** 2).sum(axis=1) / scores.sum(axis=1),
   }
-  if method in expected:
-    np.testing.assert_allclose(out, expected[method], rtol=1e-5)
-  else:  # attention: a convex combination of the segment scores
-    assert np.all(out >= scores.min(axis=1) - 1e-6) and np.all(out <= scores.max(axis=1) + 1e-6)
+  if method == "attention":  # softmax over segments of the per-class attention logits
+    kernel, bias = (np.asarray(w) for w in layer.attention.weights)
+    logits = feats @ kernel + bias
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    expected["attention"] = (weights * scores).sum(axis=1)
+    assert not np.allclose(expected["attention"], expected["average"], atol=1e-3)
+  np.testing.assert_allclose(out, expected[method], rtol=1e-5)
   test_case.run_serialization_test(layer)
   model = models.MILConvNet(num_classes=3, num_frames=128, width=0.0625, aggregation=method)
   test_case.run_model_saving_test(model, rng.normal(size=[2, 128, 64]).astype(np.float32),
