@@ -16,6 +16,7 @@ numbers; nothing is dropped silently.
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import os
 import re
@@ -39,6 +40,57 @@ class RowProblem:
 def _read_text(path):
   with tf.io.gfile.GFile(path, "r") as f:
     return f.read()
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _csv_lines(text, **fmt):
+  """Parses CSV text one physical line at a time: yields (line number, fields, problem).
+
+  A quote that opens a field and does not close on its line would make `csv` join the
+  following lines into that field, swallowing their rows and reporting the last of them.
+  Paths and labels never contain line breaks, so here a quoted field cannot span lines:
+  the line that opens it is yielded with fields None and a problem naming the lines a
+  CSV reader would have joined, and every following line is read as a row of its own.
+  Every physical line is yielded exactly once (blank lines as empty field lists).
+  """
+  lines = _LINE_BREAK.split(text)
+  if lines and lines[-1] == "":
+    lines.pop()  # the final line break ends the last line; it does not start another
+  n, start = len(lines), 0
+  while start < n:
+    # One reader over the lines (fast); restarted after each line whose quote stays open.
+    # The empty sentinel line makes a quote left open on the last line detectable too.
+    reader = csv.reader(itertools.chain(map(lines.__getitem__, range(start, n)), [""]), **fmt)
+    done = 0  # lines consumed from `start`
+    restart = None
+    while True:
+      try:
+        row = next(reader)
+      except StopIteration:
+        break
+      except csv.Error as e:
+        line_no = start + done + 1
+        yield line_no, None, f"not a valid CSV line ({e})"
+        restart = line_no
+        break
+      line_no = start + done + 1
+      if line_no > n:
+        break  # the sentinel
+      if reader.line_num - done > 1:
+        last = min(start + reader.line_num, n)
+        yield line_no, None, (
+            "unbalanced quote: a '\"' opens a field that does not close on this line" +
+            (f" (a CSV reader would join lines {line_no}-{last} into one row)"
+             if last > line_no else ""))
+        restart = line_no
+        break
+      done = reader.line_num
+      yield line_no, row, None
+    if restart is None:
+      break
+    start = restart
 
 
 def split_labels(text: str) -> List[str]:
@@ -174,8 +226,10 @@ def read_segments_csv(path):
     duplicate YTID/start pair).
   """
   segments, problems, seen = [], [], set()
-  reader = csv.reader(io.StringIO(_read_text(path)), skipinitialspace=True)
-  for line_no, row in enumerate(reader, start=1):
+  for line_no, row, problem in _csv_lines(_read_text(path), skipinitialspace=True):
+    if problem:
+      problems.append(RowProblem(path, line_no, problem))
+      continue
     if not row or not "".join(row).strip():
       continue
     first = row[0].strip()
@@ -227,21 +281,31 @@ def read_file_list(path, label_column="labels", path_column="path", allow_unlabe
   Returns:
     (rows, problems).
   """
-  text = _read_text(path)
-  reader = csv.DictReader(io.StringIO(text), skipinitialspace=True)
-  fields = [f.strip() for f in (reader.fieldnames or [])]
-  reader.fieldnames = fields
-  missing = [c for c in (path_column, label_column) if c not in fields]
-  if missing:
-    raise ValueError(f"{path}: the header has no column {', '.join(missing)}; "
-                     f"columns are {fields}")
+  fields = None
   base = os.path.dirname(path)
   rows, problems = [], []
-  for row in reader:
-    line_no = reader.line_num
-    if None in row or any(row.get(c) is None for c in fields):
-      problems.append(RowProblem(path, line_no, "wrong number of fields"))
+  for line_no, values, problem in _csv_lines(_read_text(path), skipinitialspace=True):
+    if fields is None:  # the header: the first line that is not blank
+      if problem:  # nothing can be read without the column names
+        raise ValueError(f"{path}:{line_no}: bad header line: {problem}")
+      if not values or not "".join(values).strip():
+        continue
+      fields = [f.strip() for f in values]
+      missing = [c for c in (path_column, label_column) if c not in fields]
+      if missing:
+        raise ValueError(f"{path}: the header has no column {', '.join(missing)}; "
+                         f"columns are {fields}")
       continue
+    if problem:
+      problems.append(RowProblem(path, line_no, problem))
+      continue
+    if not values or not "".join(values).strip():
+      continue  # a blank line
+    if len(values) != len(fields):
+      problems.append(RowProblem(path, line_no, f"wrong number of fields: {len(values)}, "
+                                 f"the header has {len(fields)}"))
+      continue
+    row = dict(zip(fields, values))
     media = (row[path_column] or "").strip()
     if not media:
       problems.append(RowProblem(path, line_no, "empty path"))
@@ -254,6 +318,9 @@ def read_file_list(path, label_column="labels", path_column="path", allow_unlabe
       continue
     extra = {k: v for k, v in row.items() if k not in (path_column, label_column)}
     rows.append(FileListRow(media, labels, line_no, extra))
+  if fields is None:
+    raise ValueError(f"{path}: no header line (expected columns {path_column} and "
+                     f"{label_column})")
   return rows, problems
 
 

@@ -151,6 +151,35 @@ def test_label_faults_in_a_segment_list(tmp_path):
   assert summary.written == 1 and summary.total == len(reasons) == 6
 
 
+def test_unbalanced_quote_in_a_file_list_swallows_no_row(tmp_path):
+  """bin/prepare_data on a list whose line 3 opens a quote it never closes: line 3 is a
+  failed manifest row naming the lines a CSV reader would have joined, lines 4 and 5 are
+  written (before, they vanished into line 3's record and line 5 was blamed)."""
+  esc = shared_path("esc10")
+  clips = [os.path.join(esc, c) for c in ("001 - Dog bark/1-100032-A.ogg",
+                                          "001 - Dog bark/1-110389-A.ogg",
+                                          "002 - Rain/1-17367-A.ogg",
+                                          "002 - Rain/1-21189-A.ogg")]
+  file_list = tmp_path / "list.csv"
+  file_list.write_text(f"path,labels\n{clips[0]},Dog\n\"{clips[1]},Dog\n{clips[2]},Rain\n"
+                       f"\"{clips[3]}\",\"Rain\"\n")
+  out = tmp_path / "out"
+  res = run_binary("prepare_data", f"--file_list={file_list}", f"--output_dir={out}",
+                   "--num_workers=0", "--progress_every=0", "--max_failure_fraction=0.5")
+  assert res.returncode == 0, res.stderr[-2000:]
+  reason = ("unbalanced quote: a '\"' opens a field that does not close on this line (a CSV "
+            "reader would join lines 3-5 into one row)")
+  assert f"{file_list}:3: {reason}" in res.stderr
+  rows = {r["path"]: (r["status"], r["reason"]) for r in read_manifest(out)}
+  assert rows == {clips[0]: ("written", ""), f"{file_list}:3": ("failed", reason),
+                  clips[2]: ("written", ""), clips[3]: ("written", "")}
+  # An open quote in the header stops the run with one line naming it.
+  file_list.write_text(f"\"path,labels\n{clips[0]},Dog\n")
+  res = run_binary("prepare_data", f"--file_list={file_list}", f"--output_dir={out}_2")
+  assert res.returncode == 2 and "Traceback" not in res.stderr
+  assert f"{file_list}:1: bad header line: unbalanced quote" in res.stderr
+
+
 # ---- Damaged shards and non-finite features --------------------------------------------
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """AudioSet lists, the label map and the ontology, on the real files."""
 
 import os
+import re
 
 import pytest
 
@@ -116,4 +117,74 @@ def test_file_list(tmp_path):
   assert [r.path for r in rows] == [str(tmp_path / "a.wav"), str(tmp_path / "d.wav")]
   assert rows[1].labels == ["Dog", "Cat"]
   assert [(p.line, p.reason) for p in problems] == [
-      (3, "empty path"), (4, "empty label list"), (5, "wrong number of fields")]
+      (3, "empty path"), (4, "empty label list"),
+      (5, "wrong number of fields: 1, the header has 2")]
+
+
+def _joined(first, last):
+  return (f"unbalanced quote: a '\"' opens a field that does not close on this line (a CSV "
+          f"reader would join lines {first}-{last} into one row)")
+
+
+def test_unbalanced_quote_in_file_list_swallows_nothing(tmp_path):
+  """A quote left open on line 3 is that line's problem; lines 4-6 stay rows of their own
+  (a CSV reader joins lines 3-5 into one record, up to the quote that opens line 5, and
+  reports line 5 alone)."""
+  path = tmp_path / "list.csv"
+  path.write_text('path,labels\n'
+                  'a.wav,Dog\n'
+                  '"b.wav,Dog\n'
+                  'c.wav,Cat\n'
+                  '"d, with comma.wav","Male speech, man speaking"\n'
+                  'e.wav,Dog\n')
+  rows, problems = labels.read_file_list(str(path))
+  assert [(os.path.basename(r.path), r.labels, r.line) for r in rows] == [
+      ("a.wav", ["Dog"], 2), ("c.wav", ["Cat"], 4),
+      ("d, with comma.wav", ["Male speech", "man speaking"], 5), ("e.wav", ["Dog"], 6)]
+  assert [(p.line, p.reason) for p in problems] == [(3, _joined(3, 5))]
+  assert str(problems[0]).startswith(f"{path}:3: unbalanced quote")
+
+
+def test_unbalanced_quotes_line_numbers_everywhere(tmp_path):
+  """Two open quotes, one on the last line, CRLF line ends and a blank line: every
+  physical line is a row or a problem, with its own line number."""
+  path = tmp_path / "list.csv"
+  path.write_bytes(b'path,labels,fold\r\n'
+                   b'a.wav,"Dog,1\r\n'
+                   b'b.wav,Dog,1\r\n'
+                   b'\r\n'
+                   b'c.wav,"Cat",2\r\n'
+                   b'd.wav,Cat,"2\r\n')
+  rows, problems = labels.read_file_list(str(path))
+  assert [(os.path.basename(r.path), r.line, r.extra) for r in rows] == [
+      ("b.wav", 3, {"fold": "1"}), ("c.wav", 5, {"fold": "2"})]
+  assert [(p.line, p.reason) for p in problems] == [
+      (2, _joined(2, 5)),
+      (6, "unbalanced quote: a '\"' opens a field that does not close on this line")]
+
+
+def test_unbalanced_quote_in_the_header_stops_with_its_line(tmp_path):
+  path = tmp_path / "list.csv"
+  path.write_text('\n"path,labels\na.wav,Dog\n')
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2: bad header line: "
+                     r"unbalanced quote: .*join lines 2-3 into one row\)$"):
+    labels.read_file_list(str(path))
+  (tmp_path / "empty.csv").write_text("\n")
+  with pytest.raises(ValueError, match="empty.csv: no header line"):
+    labels.read_file_list(str(tmp_path / "empty.csv"))
+
+
+def test_unbalanced_quote_in_segment_list_swallows_nothing(tmp_path):
+  path = tmp_path / "segs.csv"
+  path.write_text(
+      "# YTID, start_seconds, end_seconds, positive_labels\n"
+      'aaaaaaaaaaa, 0.000, 10.000, "/m/09x0r\n'
+      'bbbbbbbbbbb, 0.000, 10.000, /m/09x0r\n'
+      'ccccccccccc, 30.000, 40.000, "/m/09x0r,/t/dd00088"\n'
+      'ddddddddddd, 0.000, 10.000, "/m/09x0r\n'
+      'eeeeeeeeeee, 0.000, 10.000, "/m/09x0r"\n')
+  segs, problems = labels.read_segments_csv(str(path))
+  assert [(s.ytid, s.labels, s.line) for s in segs] == [
+      ("bbbbbbbbbbb", ["/m/09x0r"], 3), ("ccccccccccc", ["/m/09x0r", "/t/dd00088"], 4),
+      ("eeeeeeeeeee", ["/m/09x0r"], 6)]
+  assert [(p.line, p.reason) for p in problems] == [(2, _joined(2, 4)), (5, _joined(5, 6))]
