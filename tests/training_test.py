@@ -116,18 +116,75 @@ def test_augmented_run_resumes_exactly(prepared, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+class _StageProbe(keras.callbacks.Callback):
+  """At the start of each SeCoST stage: the fitted model and the loss it computes for fixed
+  inputs x, labels y and student scores p (scores away from 0.5, where the loss would hardly
+  depend on the target)."""
+
+  def __init__(self, x, y, p):
+    super().__init__()
+    self.x, self.y, self.p, self.stages = x, y, p, []
+
+  def on_train_begin(self, logs=None):
+    loss = float(self.model.compute_loss(self.x, self.y, self.p, training=False))
+    self.stages.append({"model": self.model, "loss": loss})
+
+
+def _bce(target, scores):
+  scores = np.clip(scores, 1e-7, 1 - 1e-7)
+  return float(np.mean(-(target * np.log(scores) + (1 - target) * np.log(1 - scores))))
+
+
 def test_audio_training_outputs_and_secost(prepared, tmp_path):
+  """SeCoST stage 1 trains a fresh student on alpha * y + (1 - alpha) * p_0(x), p_0 the
+  selected stage-0 model: its loss on a batch equals binary cross-entropy against that
+  target, computed here from the saved stage-0 model."""
+  import tensorflow as tf
+  from av_sound_tf import metrics, pipeline
   model_dir = str(tmp_path / "audio")
-  summary = training.train(_config(prepared, model_dir, kind="audio", epochs=2,
-                                   deterministic=False, secost_stages=1, width=0.0625))
+  rng = np.random.default_rng(0)
+  x = rng.normal(-8, 1, [8, 128, 64]).astype(np.float32)
+  y = np.eye(4, dtype=np.float32)[np.arange(8) % 4]
+  p = rng.uniform(0.05, 0.95, [8, 4]).astype(np.float32)
+  probe = _StageProbe(tf.constant(x), tf.constant(y), tf.constant(p))
+  config = _config(prepared, model_dir, kind="audio", epochs=2, deterministic=False,
+                   secost_stages=1, secost_alpha=0.25, width=0.0625)
+  summary = training.train(config, extra_callbacks=[probe])
   assert [s["stage"] for s in summary["stages"]] == [0, 1]
   for name in ("model.keras", "config.json", "validation_metrics.json",
                "stage0/model.keras", "stage1/history.csv", "saved_model/saved_model.pb"):
     assert os.path.exists(os.path.join(model_dir, name)), name
   with open(os.path.join(model_dir, "config.json")) as f:
-    config = json.load(f)
-  assert config["secost_stages"] == 1 and config["num_classes"] == 4
-  assert 0 <= summary["mAP"] <= 1 and summary["evaluated_classes"] == 4
+    saved = json.load(f)
+  assert saved["secost_stages"] == 1 and saved["num_classes"] == 4
+  assert saved["secost_alpha"] == 0.25
+
+  stage0, stage1 = probe.stages
+  assert not isinstance(stage0["model"], training.Distiller)
+  assert stage0["loss"] == pytest.approx(_bce(y, p), rel=1e-5)  # the labels only
+  distiller = stage1["model"]
+  assert isinstance(distiller, training.Distiller) and distiller.alpha == 0.25
+  teacher = keras.models.load_model(os.path.join(model_dir, "stage0", "model.keras"))
+  for a, b in zip(distiller.teacher.get_weights(), teacher.get_weights()):
+    np.testing.assert_array_equal(a, b)  # the teacher is stage 0's selected model
+  q = np.asarray(teacher(x, training=False))
+  target = 0.25 * y + 0.75 * q
+  assert stage1["loss"] == pytest.approx(_bce(target, p), rel=1e-5)
+  assert abs(stage1["loss"] - _bce(y, p)) > 1e-3  # the teacher term counts (100x the tolerance)
+  # The student is freshly initialized, not a copy of its teacher.
+  assert not np.allclose(distiller.student.get_weights()[0], teacher.get_weights()[0])
+
+  # The reported mAP is the final (stage 1) model's on the validation split.
+  final = keras.models.load_model(os.path.join(model_dir, "model.keras"))
+  val = pipeline.eval_dataset(training.load_data(config).validation_files,
+                              training.input_config(config, training.load_data(config)))
+  labels, scores = metrics.predict_dataset(final, val)
+  assert summary["mAP"] == pytest.approx(
+      metrics.evaluate(labels, scores).mean_average_precision, abs=1e-6)
+  import csv
+  with open(os.path.join(model_dir, "stage1", "history.csv")) as f:
+    val_maps = [float(r["val_mAP"]) for r in csv.DictReader(f)]
+  assert len(val_maps) == 2 and summary["stages"][1]["val_mAP"] == max(val_maps)
 
 
 def test_training_learns_the_synthetic_task(prepared, tmp_path):
