@@ -1,11 +1,11 @@
 """Offline evaluation of a saved model on prepared shards: per-class CSV + summary JSON."""
 
-import keras
 import tensorflow as tf
 
 from av_sound_tf import files
 from av_sound_tf import labels as labels_lib
 from av_sound_tf import metrics as metrics_lib
+from av_sound_tf import model_files
 from av_sound_tf import pipeline
 from av_sound_tf import schema
 
@@ -30,7 +30,7 @@ def evaluate_model(model_path, data_dir, splits, output_dir, batch_size=32,
   """
   if not tf.io.gfile.exists(model_path):
     raise FileNotFoundError(f"Model not found: {model_path}")
-  model = keras.models.load_model(model_path, safe_mode=True)
+  model = model_files.load_keras_model(model_path)
   info = schema.read_dataset_info(data_dir)
   label_map = labels_lib.LabelMap.from_csv(tf.io.gfile.join(data_dir, info["labels_file"]))
   if getattr(model, "num_classes", info["num_classes"]) != info["num_classes"]:

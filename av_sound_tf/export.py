@@ -13,15 +13,20 @@
 * ``class_map``: no input -> ``index``, ``mid``, ``display_name``, parsed in the graph
   from the asset ``assets/class_labels_indices.csv`` shipped with the model.
 
-Input checks inside the graph: the signatures fix dtype and rank (a client sending float64
-or a 1-D waveform gets TensorFlow's "expects ... float / shape" error); an empty waveform,
-or one longer than `max_seconds` (default 600 s), fails with an InvalidArgumentError that
-says so. A non-empty waveform shorter than the model's receptive field (96 frames, about
-0.97 s) is zero-padded to it.
+Input checks inside the graph: a client sending float64 gets TensorFlow's "expected to be a
+float tensor" error before the graph runs. Everything else fails with an InvalidArgumentError
+that says what was expected: a waveform that is not [batch, samples] (a 1-D waveform: "waveform
+must be float32 [batch, samples]"; likewise log_mel [batch, frames, 64] and embedding_mean
+[batch, D]), NaN or Inf samples or values (refused, as bin/tag refuses such audio; the front
+end would otherwise turn them into finite, meaningless scores), an empty waveform, and one
+longer than `max_seconds` (default 600 s). A non-empty waveform shorter than the model's
+receptive field (96 frames, about 0.97 s) is zero-padded to it.
 
 The audio model is rebuilt for inputs of any length (the same weights) so one export
 serves 1 s clips and hour-long recordings. The export verifies itself as YAMNet's does: it
-is reloaded and its outputs on a fixed input are compared with the Keras models'.
+is reloaded and its outputs on fixed test signals (`test_signals`) are compared with the
+Keras models' (`keras_reference`, `check_parity`); tflite.convert checks its models the same
+way.
 """
 
 from typing import Optional
@@ -32,15 +37,38 @@ import tensorflow as tf
 
 from av_sound_tf import features
 from av_sound_tf import files
+from av_sound_tf import model_files
 from av_sound_tf import models
 
 DEFAULT_MAX_SECONDS = 600.0
+_WAVEFORM_LAYOUT = "[batch, samples] of 16 kHz mono audio; one clip is [1, samples]"
 VERIFY_ATOL = 1e-4
 
 
 def variable_length(audio_model: keras.Model) -> keras.Model:
   """The same audio model for any number of frames, with clip and segment outputs."""
   return models.with_segment_scores(models.any_length(audio_model))
+
+
+def _assert_rank(x, rank, message):
+  """A rank check that stays in the graph.
+
+  The signature fixes the static rank, so `tf.rank` and `tf.debugging.assert_rank` fold to
+  constants and never fire: a 1-D request then failed deep inside ("slice index 1 of
+  dimension 0 out of bounds"). The number of entries of `tf.where` over the shape vector is
+  known only at run time, so this check survives tracing and Grappler.
+  """
+  dims = tf.shape(tf.where(tf.shape(x) >= 0))[0]
+  return tf.debugging.assert_equal(dims, rank, message=message)
+
+
+def _checked_input(x, rank, name, layout):
+  """`x` after the rank check and the NaN/Inf check (in that order)."""
+  with tf.control_dependencies([_assert_rank(
+      x, rank, f"{name} must be float32 {layout} (rank {rank})")]):
+    x = tf.identity(x)
+  return tf.debugging.assert_all_finite(
+      x, f"{name} has NaN or Inf values: refused (finite input only)")
 
 
 class AudioTagger:
@@ -83,6 +111,7 @@ class AudioTagger:
     return archive
 
   def _checked_log_mel(self, waveform):
+    waveform = _checked_input(waveform, 2, "waveform", _WAVEFORM_LAYOUT)
     samples = tf.shape(waveform)[1]
     checks = [
         tf.debugging.assert_greater(samples, 0, message="empty waveform: give at least one "
@@ -105,6 +134,7 @@ class AudioTagger:
     return self._scores(self._checked_log_mel(waveform))
 
   def tag_log_mel(self, log_mel):
+    log_mel = _checked_input(log_mel, 3, "log_mel", f"[batch, frames, {self.num_mel_bins}]")
     frames = tf.shape(log_mel)[1]
     checks = [
         tf.debugging.assert_greater_equal(
@@ -123,6 +153,8 @@ class AudioTagger:
 
   def tag_audiovisual(self, waveform, embedding_mean):
     dim = int(self.visual.input_shape[-1])
+    waveform = _checked_input(waveform, 2, "waveform", _WAVEFORM_LAYOUT)
+    embedding_mean = _checked_input(embedding_mean, 2, "embedding_mean", f"[batch, {dim}]")
     checks = [
         tf.debugging.assert_equal(
             tf.shape(waveform)[0], tf.shape(embedding_mean)[0],
@@ -176,13 +208,13 @@ def export_saved_model(audio_model_path: str, labels_path: str, export_base: str
       raise FileNotFoundError(f"Not found: {path}")
   if bool(visual_model_path) != bool(fusion_model_path):
     raise ValueError("tag_audiovisual needs both a visual model and a fusion model.")
-  audio = keras.models.load_model(audio_model_path, safe_mode=True)
+  audio = model_files.load_keras_model(audio_model_path, "Audio model")
   if not isinstance(audio, models.AUDIO_MODELS):
     raise ValueError(f"{audio_model_path} is not an audio MIL model (bin/train_audio, "
                      "bin/distill).")
-  visual = keras.models.load_model(visual_model_path, safe_mode=True) if visual_model_path \
-      else None
-  fusion_model = keras.models.load_model(fusion_model_path, safe_mode=True) if \
+  visual = model_files.load_keras_model(visual_model_path, "Visual model") if \
+      visual_model_path else None
+  fusion_model = model_files.load_keras_model(fusion_model_path, "Fusion model") if \
       fusion_model_path else None
   tagger = AudioTagger(audio, labels_path, visual, fusion_model, max_seconds)
   archive = tagger.archive()
@@ -206,29 +238,75 @@ def export_saved_model(audio_model_path: str, labels_path: str, export_base: str
   return {"path": path, "signatures": sorted(signatures), "max_abs_diff": diff}
 
 
-def verify(path, audio, visual=None, fusion_model=None, atol=VERIFY_ATOL) -> float:
-  """Reloads the export and compares it with the Keras models on a fixed 3 s input."""
-  loaded = tf.saved_model.load(path)
-  waveform = np.random.default_rng(0).uniform(-0.3, 0.3, [2, 48000]).astype(np.float32)
+def test_signals(count: int, samples: int) -> np.ndarray:
+  """Deterministic float32 test waveforms [count, samples] at 16 kHz for parity checks.
+
+  Cycles through white noise, a 440 Hz sine, a 100 Hz - 7 kHz chirp, a click train and
+  silence, at levels from -30 to -6 dBFS (YAMNet's export tests use the same kinds), so the
+  compared scores are not all from one kind of input.
+  """
+  rng = np.random.default_rng(0)
+  t = np.arange(samples) / 16000.0
+  out = np.zeros([count, samples], np.float32)
+  for i in range(count):
+    level = 10 ** (-(6 + 6 * (i // 5 % 5)) / 20)
+    kind = i % 5
+    if kind == 0:
+      y = rng.uniform(-1, 1, samples)
+    elif kind == 1:
+      y = np.sin(2 * np.pi * 440 * t)
+    elif kind == 2:
+      y = np.sin(2 * np.pi * (100 * t + (7000 - 100) / (2 * t[-1] + 1e-9) * t ** 2))
+    elif kind == 3:
+      y = (np.arange(samples) % 1600 < 16).astype(np.float64)
+    else:
+      y = np.zeros(samples)
+    out[i] = level * y
+  return out
+
+
+def keras_reference(audio: keras.Model, waveform: np.ndarray) -> dict:
+  """The Keras audio model's scores for waveforms [batch, samples]: the reference every
+  exported form (SavedModel, TFLite) is compared with. Also returns the log-mel input."""
   log_mel = features.log_mel_spectrogram(waveform).numpy()
-  reference = variable_length(audio)(log_mel, training=False)
+  out = variable_length(audio)(log_mel, training=False)
+  return {"log_mel": log_mel, "clip_scores": np.asarray(out["clip_scores"]),
+          "segment_scores": np.asarray(out["segment_scores"])}
+
+
+def max_abs_diff(got, reference) -> float:
+  """max |got - reference|; NaN when either holds a NaN (so `check_parity` fails)."""
+  got, reference = np.asarray(got, np.float64), np.asarray(reference, np.float64)
+  if got.shape != reference.shape:
+    raise ValueError(f"shape {got.shape} differs from the reference's {reference.shape}")
+  return float(np.max(np.abs(got - reference))) if got.size else 0.0
+
+
+def check_parity(what: str, diff: float, atol: float):
+  """Raises ValueError unless diff <= atol (a NaN difference fails too)."""
+  if not diff <= atol:
+    raise ValueError(f"{what} differs from the Keras model by {diff:.2e} (> {atol}); the "
+                     "export is not trustworthy.")
+
+
+def verify(path, audio, visual=None, fusion_model=None, atol=VERIFY_ATOL) -> float:
+  """Reloads the export and compares it with the Keras models on 3 s test signals."""
+  loaded = tf.saved_model.load(path)
+  waveform = test_signals(2, 48000)
+  reference = keras_reference(audio, waveform)
   got = loaded.signatures["tag_waveform"](waveform=tf.constant(waveform))
-  diffs = [float(np.max(np.abs(got[k].numpy() - reference[k].numpy())))
-           for k in ("clip_scores", "segment_scores")]
-  got = loaded.signatures["tag_log_mel"](log_mel=tf.constant(log_mel))
-  diffs.append(float(np.max(np.abs(got["clip_scores"].numpy() -
-                                   reference["clip_scores"].numpy()))))
+  diffs = [max_abs_diff(got[k], reference[k]) for k in ("clip_scores", "segment_scores")]
+  got = loaded.signatures["tag_log_mel"](log_mel=tf.constant(reference["log_mel"]))
+  diffs.append(max_abs_diff(got["clip_scores"], reference["clip_scores"]))
   if visual is not None and "tag_audiovisual" in loaded.signatures:
     emb = np.random.default_rng(1).normal(size=[2, visual.input.shape[-1]]).astype(np.float32)
     got = loaded.signatures["tag_audiovisual"](waveform=tf.constant(waveform),
                                                embedding_mean=tf.constant(emb))
-    v = visual(emb, training=False)
-    ones = tf.ones([2, 1])
+    v = np.asarray(visual(emb, training=False))
+    ones = np.ones([2, 1], np.float32)
     fused = fusion_model({"h_audio": reference["clip_scores"], "h_visual": v,
                           "audio_present": ones, "visual_present": ones}, training=False)
-    diffs.append(float(np.max(np.abs(got["fused_scores"].numpy() - np.asarray(fused)))))
-  worst = max(diffs)
-  if worst > atol:
-    raise ValueError(f"Exported model {path} differs from the Keras model by {worst:.2e} "
-                     f"(> {atol}); the export is not trustworthy.")
+    diffs.append(max_abs_diff(got["fused_scores"], fused))
+  worst = max(diffs, key=lambda d: np.inf if np.isnan(d) else d)
+  check_parity(f"Exported model {path}", worst, atol)
   return worst

@@ -8,11 +8,11 @@ training split's file only.
 
 import json
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from av_sound_tf import files
+from av_sound_tf import model_files
 from av_sound_tf import pipeline
 from av_sound_tf import schema
 
@@ -27,8 +27,8 @@ def write_predictions(audio_model_path, visual_model_path, data_dir, splits, out
   for path in (audio_model_path, visual_model_path):
     if not tf.io.gfile.exists(path):
       raise FileNotFoundError(f"Model not found: {path}")
-  audio = keras.models.load_model(audio_model_path, safe_mode=True)
-  visual = keras.models.load_model(visual_model_path, safe_mode=True)
+  audio = model_files.load_keras_model(audio_model_path)
+  visual = model_files.load_keras_model(visual_model_path)
   info = schema.read_dataset_info(data_dir)
   num_classes = info["num_classes"]
   for name, model in (("audio", audio), ("visual", visual)):

@@ -17,7 +17,6 @@ given fusion model on one split, and writes to the output folder:
 The "main" fusion model is the multimodal attention model when present, else the best one.
 """
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -25,6 +24,7 @@ from av_sound_tf import files
 from av_sound_tf import fusion_training
 from av_sound_tf import labels as labels_lib
 from av_sound_tf import metrics as metrics_lib
+from av_sound_tf import model_files
 from av_sound_tf import predict
 from av_sound_tf import schema
 
@@ -69,7 +69,7 @@ def write_report(predictions_dir, model_paths, output_dir, split="eval", top_k=1
   for model_path in model_paths:
     if not tf.io.gfile.exists(model_path):
       raise FileNotFoundError(f"Fusion model not found: {model_path}")
-    model = keras.models.load_model(model_path, safe_mode=True)
+    model = model_files.load_keras_model(model_path)
     y, scores, alpha, _ = fusion_training.predict_fusion(model, path, num_classes)
     results.append((model.display_name, metrics_lib.evaluate(y, scores), alpha, model))
   fused = results[2:]

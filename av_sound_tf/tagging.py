@@ -16,10 +16,21 @@
   class reports which modality dominated (attention weight on audio > 0.5: "audio").
 
 A file that cannot be decoded gets ``status="failed"`` and its reason; the others are
-still tagged.
+still tagged. Inputs that are not regular files (a FIFO would block the decoder forever, a
+socket, a device) are refused up front by `expand_inputs`, with the reason.
+
+`ResultWriter` writes the results as they are produced: after every file the output is a
+complete, valid JSON list (or CSV), so an interrupted run keeps every finished result. It
+checks that the output can be written before any work starts.
+
+A .tflite tagger is found with its class map by one rule (`tflite.labels_path_for`:
+``<name>.labels.csv`` beside ``<name>.tflite``), and its bytes are checked before the
+interpreter sees them (`tflite.read_model`: a truncated file would crash the process).
 """
 
 import dataclasses
+import json
+import os
 from typing import List, Optional
 
 import numpy as np
@@ -96,12 +107,12 @@ class Tagger:
     if tflite:
       from av_sound_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
       from av_sound_tf import tflite as tflite_lib  # pylint: disable=g-import-not-at-top
-      labels_path = model_path[:-len(".tflite")] + ".labels.csv"
+      labels_path = tflite_lib.labels_path_for(model_path)  # refuses a name without .tflite
+      self.runner = tflite_lib.Runner(model_path, threads)  # checks the bytes first
       if not tf.io.gfile.exists(labels_path):
         raise FileNotFoundError(f"{labels_path} (the class map beside the .tflite) not found")
       label_map = labels_lib.LabelMap.from_csv(labels_path)
       self.names, self.mids = label_map.names, label_map.mids
-      self.runner = tflite_lib.Runner(model_path, threads)
       self.window = self.runner.samples
       self.signatures = None
     else:
@@ -207,8 +218,13 @@ def plot_timeline(result: TagResult, names, path, top_k=5):
 
 
 def expand_inputs(paths):
-  """Files, globs and folders -> (media files in order, inputs that matched nothing)."""
-  found, missing, seen = [], [], set()
+  """Files, globs and folders -> (media files in order, [(input, reason)] refused).
+
+  Refused, with the reason: an input that matches nothing (``no such file or folder``) and
+  a match that is not a regular file (`files.not_regular_file_reason`: reading a FIFO
+  blocks forever).
+  """
+  found, refused, seen = [], [], set()
   for p in paths:
     if tf.io.gfile.isdir(p):
       matches = [f for root, _, names in tf.io.gfile.walk(p) for f in
@@ -221,10 +237,14 @@ def expand_inputs(paths):
       for m in matches:
         if m not in seen:
           seen.add(m)
-          found.append(m)
+          reason = files.not_regular_file_reason(m)
+          if reason:
+            refused.append((m, reason))
+          else:
+            found.append(m)
     else:
-      missing.append(p)
-  return found, missing
+      refused.append((p, "no such file or folder"))
+  return found, refused
 
 
 def format_result(result: TagResult, timeline: bool) -> str:
@@ -251,3 +271,96 @@ def csv_rows(results):
       rows.append({"path": r.path, "status": r.status, "reason": "", "rank": rank,
                    "name": e["name"], "mid": e["mid"], "score": e["score"]})
   return rows
+
+
+CSV_FIELDS = ["path", "status", "reason", "rank", "name", "mid", "score"]
+
+
+class ResultWriter:
+  """Writes results to a .json list or a .csv as they are produced (bin/tag --output).
+
+  After every `add` the file is complete and valid (a JSON list of every finished result,
+  or a CSV with a header), so a run that is interrupted (Ctrl-C, kill -9, a crash) keeps
+  all finished results. A local file is extended in place, one write per result (the
+  JSON list's closing bracket is overwritten by the next object); on other file systems
+  (gs://, whose objects cannot be appended to) the whole file is rewritten atomically after
+  every result.
+
+  The constructor checks that `path` can be written (its folder exists, a probe file can be
+  created) and raises PermissionError / FileNotFoundError naming the path, so a bad
+  ``--output`` fails before the model is loaded. The file itself is created by the first
+  `add` (or `close`), so a run that fails before tagging leaves an earlier output alone.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.csv = path.endswith(".csv")
+    self.local = "://" not in path
+    self._results = []  # remote paths: everything, rewritten each time
+    self._file = None
+    self._end = 0  # local JSON: the byte offset just past the last object
+    folder = os.path.dirname(path)
+    if self.local:
+      folder = folder or "."
+      if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise FileNotFoundError(f"cannot write results to {path}: {folder} {what}")
+      reason = files.not_regular_file_reason(path)
+      if reason:
+        raise ValueError(f"cannot write results to {path}: {reason}")
+    probe = path + ".incomplete"
+    try:
+      with tf.io.gfile.GFile(probe, "w") as f:
+        f.write("")
+      tf.io.gfile.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+      detail = getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
+      raise PermissionError(f"cannot write results to {path}: {detail.splitlines()[0]}"
+                            ) from None
+
+  def _text(self, result: "TagResult") -> str:
+    if self.csv:
+      return files.csv_text(csv_rows([result]), CSV_FIELDS).split("\n", 1)[1]
+    return "\n".join("  " + line for line in
+                     json.dumps(result.to_dict(), indent=2).splitlines())
+
+  def _open(self):
+    self._file = open(self.path, "wb", buffering=0)  # pylint: disable=consider-using-with
+    if self.csv:
+      self._file.write(files.csv_text([], CSV_FIELDS).encode())
+    else:
+      self._file.write(b"[\n]\n")
+      self._end = 1
+
+  def add(self, result: "TagResult"):
+    """Appends one result; the file is complete and valid when this returns."""
+    if not self.local:
+      self._results.append(result)
+      self._rewrite()
+      return
+    if self._file is None:
+      self._open()
+    text = self._text(result).encode()
+    if self.csv:
+      self._file.write(text)
+      return
+    piece = (b",\n" if self._end > 1 else b"\n") + text
+    self._file.seek(self._end)
+    self._file.write(piece + b"\n]\n")  # one write: the list is never left open
+    self._end += len(piece)
+
+  def _rewrite(self):
+    if self.csv:
+      files.write_csv(self.path, csv_rows(self._results), CSV_FIELDS)
+    else:
+      files.write_json(self.path, [r.to_dict() for r in self._results])
+
+  def close(self):
+    """Finishes the file (creating it, empty, when nothing was added)."""
+    if not self.local:
+      if not self._results:
+        self._rewrite()
+      return
+    if self._file is None:
+      self._open()
+    self._file.close()

@@ -17,9 +17,24 @@ is fragile: tensorflow#63867, keras#19108) in three variants:
   float32 (quantized, it ruins the model: see `_float_front_end`), and inputs/outputs stay
   float32, so every variant takes the same waveform.
 
-Labels ship beside each model as ``<name>.labels.csv`` (the class map). `convert` checks
-every variant against the SavedModel on the given clips (tests/tflite_test.py states the
-thresholds).
+Labels ship beside each model as ``<name>.labels.csv`` (the class map): `labels_path` is
+the one rule, for writing and reading (a model whose name does not end in ``.tflite`` is
+refused rather than guessed at).
+
+`convert` verifies every variant it writes: each converted model runs through the
+interpreter on real windows (the int8 representative windows, decoded from the training
+audio, when ``data_dir`` is given; else deterministic test signals, `export.test_signals`)
+and its clip scores are compared with the Keras model's (`export.keras_reference`, the same
+reference the SavedModel export is checked against). The max |diff| per variant is returned
+and written to ``<name>.json``; a variant beyond its tolerance (`TOLERANCES`: float32 1e-4,
+float16 2e-2, int8 0.2, from the measurements in docs/benchmarks.md) fails the conversion
+and is not written.
+
+Reading a .tflite file: the interpreter does not verify the flatbuffer and crashes the
+process (segmentation fault) on a truncated file. `read_model` checks the bytes first: the
+``TFL3`` file identifier, then a full parse with the schema's Python reader, which is
+bounds-checked (about 10-15 ms for a 4 MB model); a file that fails either is refused with
+one line naming it.
 """
 
 import os
@@ -34,10 +49,71 @@ from av_sound_tf import export
 from av_sound_tf import features
 from av_sound_tf import files
 from av_sound_tf import media
+from av_sound_tf import model_files
 from av_sound_tf import schema
 
 VARIANTS = ("float32", "float16", "int8")
 FRONT_END = "front_end"  # layer name; its ops stay float32 in the int8 model
+# Max |clip score difference| to the Keras model that `convert` accepts per variant.
+# Measured (docs/benchmarks.md, ESC-10 model on 40 real windows): float32 1.5e-6, float16
+# 0.0057, int8 0.069; random-weight test models: float32 <= 1e-6, float16 <= 0.005, int8
+# <= 0.06 (tests/tflite_test.py). The int8 bound leaves room for larger models; a broken
+# quantization (the front end quantized too) is far beyond it.
+TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "int8": 0.2}
+TEST_SIGNAL_WINDOWS = 16
+TFLITE_SUFFIX = ".tflite"
+
+
+def labels_path_for(model_path: str) -> str:
+  """The class map shipped beside a .tflite tagger: ``<name>.labels.csv`` for
+  ``<name>.tflite``. Raises ValueError for a name that does not end in .tflite."""
+  if not model_path.endswith(TFLITE_SUFFIX) or len(os.path.basename(model_path)) <= len(
+      TFLITE_SUFFIX):
+    raise ValueError(f"{model_path}: a TFLite tagger's name must end in {TFLITE_SUFFIX} (its "
+                     "class map is <name>.labels.csv beside <name>.tflite, as bin/export "
+                     "writes them)")
+  return model_path[:-len(TFLITE_SUFFIX)] + ".labels.csv"
+
+
+def check_model_bytes(content: bytes, path: str = "<bytes>"):
+  """Raises ValueError naming `path` unless `content` is a whole TFLite flatbuffer.
+
+  The interpreter builds its model without verifying the flatbuffer, so a truncated file
+  crashes the process (exit 139). Here: the file identifier ``TFL3`` (bytes 4-8), then a
+  complete parse with the schema's generated Python reader, whose every read is bounds
+  checked, and every external buffer (offset, size) inside the file.
+  """
+  if not content:
+    raise ValueError(f"{path}: empty file (0 bytes), not a TFLite model")
+  if len(content) < 8 or content[4:8] != b"TFL3":
+    raise ValueError(f"{path}: not a TFLite model (no TFL3 file identifier at bytes 4-8; "
+                     f"{len(content)} bytes)")
+  from tensorflow.lite.python import schema_py_generated as schema_fb  # pylint: disable=g-import-not-at-top
+  try:
+    model = schema_fb.ModelT.InitFromObj(schema_fb.Model.GetRootAsModel(content, 0))
+  except Exception:  # pylint: disable=broad-except  (struct.error, IndexError, ...)
+    raise ValueError(f"{path}: truncated or damaged TFLite model: its flatbuffer does not "
+                     f"parse within the file's {len(content)} bytes") from None
+  for i, buffer in enumerate(model.buffers or []):
+    if buffer.offset and buffer.offset + buffer.size > len(content):
+      raise ValueError(f"{path}: truncated TFLite model: buffer {i} ends at byte "
+                       f"{buffer.offset + buffer.size} of {len(content)}")
+  if not model.subgraphs:
+    raise ValueError(f"{path}: damaged TFLite model: no subgraph")
+
+
+def read_model(path: str) -> bytes:
+  """The bytes of a .tflite file, checked (`check_model_bytes`) before any interpreter
+  sees them; FileNotFoundError / ValueError naming the file otherwise."""
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"TFLite model not found: {path}")
+  reason = files.not_regular_file_reason(path)
+  if reason:
+    raise ValueError(f"{path}: {reason}, not a TFLite model")
+  with tf.io.gfile.GFile(path, "rb") as f:
+    content = f.read()
+  check_model_bytes(content, path)
+  return content
 
 
 def _window_archive(audio_model, samples):
@@ -97,11 +173,36 @@ def representative_windows(data_dir: str, split: str, samples: int, count: int =
                      "calibration needs the original files (source_path in the shards).")
 
 
+class Converted(dict):
+  """{variant: path} of the written models, with `verification` {variant: {max_abs_diff,
+  mean_abs_diff, top1_agreement, tolerance, windows}} and `info_path` (<name>.json)."""
+
+  def __init__(self, paths, verification, info_path):
+    super().__init__(paths)
+    self.verification = verification
+    self.info_path = info_path
+
+
+def verify_variant(content: bytes, windows: np.ndarray, reference: np.ndarray,
+                   tolerance: float, what: str) -> dict:
+  """Runs a converted model on `windows` [N, samples] and compares its clip scores with
+  `reference` [N, C] (the Keras model's); raises ValueError beyond `tolerance`."""
+  runner = Runner(content=content, path=what)
+  got = np.stack([runner(w)["clip_scores"][0] for w in windows])
+  diff = export.max_abs_diff(got, reference)
+  export.check_parity(what, diff, tolerance)
+  return {"max_abs_diff": diff,
+          "mean_abs_diff": float(np.mean(np.abs(got.astype(np.float64) - reference))),
+          "top1_agreement": float(np.mean(got.argmax(-1) == reference.argmax(-1))),
+          "tolerance": tolerance, "windows": int(len(windows))}
+
+
 def convert(audio_model_path: str, labels_path: str, output_dir: str,
             variants=VARIANTS, window_seconds: float = 1.0, data_dir: Optional[str] = None,
-            split: str = "train", calibration_windows: int = 100, name: str = "audio_tagger"
-            ) -> dict:
-  """Converts the audio model to TFLite variants; returns {variant: path}."""
+            split: str = "train", calibration_windows: int = 100, name: str = "audio_tagger",
+            tolerances: Optional[dict] = None) -> Converted:
+  """Converts the audio model to TFLite variants, verifying each (see the module
+  docstring); returns {variant: path} with `.verification` (also in <name>.json)."""
   for path in (audio_model_path, labels_path):
     if not tf.io.gfile.exists(path):
       raise FileNotFoundError(f"Not found: {path}")
@@ -110,10 +211,19 @@ def convert(audio_model_path: str, labels_path: str, output_dir: str,
     raise ValueError(f"Unknown TFLite variants {bad}; expected {VARIANTS}")
   if "int8" in variants and not data_dir:
     raise ValueError("The int8 variant needs --data_dir for its representative dataset.")
-  audio = keras.models.load_model(audio_model_path, safe_mode=True)
+  tolerances = {**TOLERANCES, **(tolerances or {})}
+  audio = model_files.load_keras_model(audio_model_path, "Audio model")
   samples = int(round(window_seconds * features.DEFAULT_PARAMS.sample_rate))
+  if data_dir:  # real audio: calibrates int8 and checks every variant
+    windows = list(representative_windows(data_dir, split, samples, calibration_windows))
+    source = f"{len(windows)} windows of {data_dir} ({split}) source audio"
+  else:
+    windows = list(export.test_signals(TEST_SIGNAL_WINDOWS, samples)[:, None, :])
+    source = f"{len(windows)} test signals (export.test_signals)"
+  batch = np.concatenate(windows)
+  reference = export.keras_reference(audio, batch)["clip_scores"]
   tf.io.gfile.makedirs(output_dir)
-  out = {}
+  out, verification = {}, {}
   with tempfile.TemporaryDirectory() as tmp:
     saved = os.path.join(tmp, "window")
     _window_archive(audio, samples).write_out(saved, verbose=False)
@@ -123,7 +233,6 @@ def convert(audio_model_path: str, labels_path: str, output_dir: str,
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
       elif variant == "int8":
-        windows = list(representative_windows(data_dir, split, samples, calibration_windows))
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([w] for w in windows)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
@@ -134,29 +243,49 @@ def convert(audio_model_path: str, labels_path: str, output_dir: str,
       if variant == "int8":
         model = _float_front_end(converter, model, windows)
       path = tf.io.gfile.join(output_dir, f"{name}_{variant}.tflite")
+      # Checked before it is written: a model beyond its tolerance never reaches the folder.
+      verification[variant] = verify_variant(model, batch, reference, tolerances[variant],
+                                             f"TFLite {variant} model {path}")
       with tf.io.gfile.GFile(path, "wb") as f:
         f.write(model)
-      tf.io.gfile.copy(labels_path, tf.io.gfile.join(output_dir, f"{name}_{variant}.labels.csv"),
-                       overwrite=True)
+      tf.io.gfile.copy(labels_path, labels_path_for(path), overwrite=True)
       out[variant] = path
-  files.write_json(tf.io.gfile.join(output_dir, f"{name}.json"), {
+  info_path = tf.io.gfile.join(output_dir, f"{name}.json")
+  files.write_json(info_path, {
       "window_seconds": window_seconds, "window_samples": samples, "sample_rate": 16000,
-      "variants": out, "audio_model": audio_model_path})
-  return out
+      "variants": out, "audio_model": audio_model_path,
+      "verified_against": f"the Keras model's clip scores on {source}",
+      "verification": verification})
+  return Converted(out, verification, info_path)
 
 
 class Runner:
-  """Runs a .tflite tagger on waveform windows: `scores(window)` -> clip scores [C]."""
+  """Runs a .tflite tagger on waveform windows: `runner(window)` -> {clip_scores, ...}.
 
-  def __init__(self, path: str, num_threads: int = 1):
-    with tf.io.gfile.GFile(path, "rb") as f:
-      self.interpreter = tf.lite.Interpreter(model_content=f.read(), num_threads=num_threads)
-    self.runner = self.interpreter.get_signature_runner()
-    self.samples = int(self.runner.get_input_details()["waveform"]["shape"][1])
+  The file's bytes are checked (`check_model_bytes`) before the interpreter sees them.
+  """
+
+  def __init__(self, path: Optional[str] = None, num_threads: int = 1,
+               content: Optional[bytes] = None):
+    if content is None:
+      content = read_model(path)
+    else:
+      check_model_bytes(content, path or "<bytes>")
+    where = path or "<bytes>"
+    try:
+      self.interpreter = tf.lite.Interpreter(model_content=content, num_threads=num_threads)
+      self.runner = self.interpreter.get_signature_runner()
+      self.samples = int(self.runner.get_input_details()["waveform"]["shape"][1])
+    except (ValueError, RuntimeError, KeyError, IndexError) as e:
+      raise ValueError(f"{where}: not a TFLite tagger from bin/export (one signature with a "
+                       f"waveform [1, samples] input): {str(e).splitlines()[0][:200]}"
+                       ) from None
 
   def __call__(self, window: np.ndarray) -> dict:
     window = np.asarray(window, np.float32).reshape(1, -1)
     if window.shape[1] != self.samples:
       raise ValueError(f"The TFLite tagger takes windows of {self.samples} samples. "
                        f"Received: {window.shape[1]}")
+    if not np.isfinite(window).all():
+      raise ValueError("The window has NaN or Inf samples: refused (finite input only).")
     return self.runner(waveform=window)

@@ -43,6 +43,7 @@ import tensorflow as tf
 from av_sound_tf import files
 from av_sound_tf import labels as labels_lib
 from av_sound_tf import metrics as metrics_lib
+from av_sound_tf import model_files
 from av_sound_tf import models
 from av_sound_tf import pipeline
 from av_sound_tf import schema
@@ -343,7 +344,7 @@ def build_model(config: TrainConfig, data: _Data) -> keras.Model:
 def _load(path, what):
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"{what} not found: {path}")
-  return keras.models.load_model(path, safe_mode=True)
+  return model_files.load_keras_model(path, what)
 
 
 def distillation_teacher(config: TrainConfig, data: _Data) -> Optional[keras.Model]:
@@ -661,6 +662,11 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
     model.compile(optimizer=ReplicaMeanAdam(learning_rate(config, steps)),
                   loss=keras.losses.BinaryCrossentropy(),
                   metrics=[metrics_lib.streaming_map_metric(data.num_classes)])
+    # The optimizer's slots are created here, in the strategy's scope: left to the first
+    # traced step (see below), a MirroredStrategy with two or more local replicas fails
+    # with "You must feed a value for placeholder tensor ... cond/Placeholder" while
+    # creating them inside the replicated step.
+    model.optimizer.build(model.trainable_variables)
   history_path = tf.io.gfile.join(stage_dir, "history.csv")
   best_path = tf.io.gfile.join(stage_dir, "best.weights.h5")
   callbacks = [

@@ -82,7 +82,8 @@ def test_in_graph_checks(exported):
     sig["tag_waveform"](waveform=tf.zeros([1, 16000 * 31]))
   with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
     sig["tag_waveform"](waveform=tf.zeros([1, 16000], tf.float64))
-  with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"waveform must be float32 "
+                     r"\[batch, samples\]"):
     sig["tag_waveform"](waveform=tf.zeros([16000]))
   with pytest.raises(tf.errors.InvalidArgumentError, match="at least 96 frames"):
     sig["tag_log_mel"](log_mel=tf.zeros([1, 50, 64]))
@@ -92,23 +93,34 @@ def test_in_graph_checks(exported):
 
 # Bad requests to every signature: (signature, inputs, expected error type, message part).
 # Loaded signatures reject a wrong dtype before running ("expected to be a float tensor");
-# a wrong rank fails inside the graph with TensorFlow's own message (it cannot be checked
-# in-graph: the rank is folded from the signature), still an error and never an output.
+# a wrong rank fails in the graph with a message giving the expected layout (before the
+# fix, a rank-1 waveform failed with "slice index 1 of dimension 0 out of bounds"); NaN or
+# Inf values are refused (before, the front end turned them into finite scores).
 _DTYPE = ((TypeError, ValueError, tf.errors.InvalidArgumentError), "float tensor|cast")
-_RANK = ((TypeError, ValueError, tf.errors.InvalidArgumentError), None)
+_W_RANK = (tf.errors.InvalidArgumentError, r"waveform must be float32 \[batch, samples\]")
+_W_NAN = (tf.errors.InvalidArgumentError, "waveform has NaN or Inf values")
 _W = tf.zeros([1, 16000])
 _E = tf.zeros([1, 8])
+_NAN_W = tf.tensor_scatter_nd_update(_W, [[0, 123]], [np.nan])
 _BAD_REQUESTS = {
     "waveform_float64": ("tag_waveform", dict(waveform=tf.zeros([1, 16000], tf.float64)),
                          *_DTYPE),
-    "waveform_rank1": ("tag_waveform", dict(waveform=tf.zeros([16000])), *_RANK),
+    "waveform_rank1": ("tag_waveform", dict(waveform=tf.zeros([16000])), *_W_RANK),
+    "waveform_rank3": ("tag_waveform", dict(waveform=tf.zeros([1, 16000, 1])), *_W_RANK),
+    "waveform_all_nan": ("tag_waveform", dict(waveform=tf.fill([1, 16000], np.nan)), *_W_NAN),
+    "waveform_one_nan": ("tag_waveform", dict(waveform=_NAN_W), *_W_NAN),
+    "waveform_inf": ("tag_waveform", dict(waveform=tf.fill([2, 16000], np.inf)), *_W_NAN),
     "waveform_empty": ("tag_waveform", dict(waveform=tf.zeros([1, 0])),
                        tf.errors.InvalidArgumentError, "empty waveform"),
     "waveform_oversize": ("tag_waveform", dict(waveform=tf.zeros([1, 16000 * 31])),
                           tf.errors.InvalidArgumentError, "longer than the maximum"),
     "log_mel_int": ("tag_log_mel", dict(log_mel=tf.zeros([1, 100, 64], tf.int32)),
                     *_DTYPE),
-    "log_mel_rank2": ("tag_log_mel", dict(log_mel=tf.zeros([100, 64])), *_RANK),
+    "log_mel_rank2": ("tag_log_mel", dict(log_mel=tf.zeros([100, 64])),
+                      tf.errors.InvalidArgumentError,
+                      r"log_mel must be float32 \[batch, frames, 64\]"),
+    "log_mel_nan": ("tag_log_mel", dict(log_mel=tf.fill([1, 100, 64], np.nan)),
+                    tf.errors.InvalidArgumentError, "log_mel has NaN or Inf values"),
     "log_mel_bins": ("tag_log_mel", dict(log_mel=tf.zeros([1, 100, 40])),
                      (ValueError, tf.errors.InvalidArgumentError), "shape|64 mel bins"),
     "log_mel_empty": ("tag_log_mel", dict(log_mel=tf.zeros([1, 0, 64])),
@@ -118,7 +130,14 @@ _BAD_REQUESTS = {
     "av_float64": ("tag_audiovisual", dict(waveform=tf.zeros([1, 16000], tf.float64),
                                            embedding_mean=_E), *_DTYPE),
     "av_rank1": ("tag_audiovisual", dict(waveform=tf.zeros([16000]), embedding_mean=_E),
-                 *_RANK),
+                 *_W_RANK),
+    "av_embedding_rank1": ("tag_audiovisual", dict(waveform=_W, embedding_mean=tf.zeros([8])),
+                           tf.errors.InvalidArgumentError,
+                           r"embedding_mean must be float32 \[batch, 8\]"),
+    "av_nan_waveform": ("tag_audiovisual", dict(waveform=_NAN_W, embedding_mean=_E), *_W_NAN),
+    "av_nan_embedding": ("tag_audiovisual", dict(waveform=_W,
+                                                 embedding_mean=tf.fill([1, 8], np.nan)),
+                         tf.errors.InvalidArgumentError, "embedding_mean has NaN or Inf"),
     "av_embedding_dim": ("tag_audiovisual", dict(waveform=_W, embedding_mean=tf.zeros([1, 5])),
                          (ValueError, tf.errors.InvalidArgumentError), "shape|8 values"),
     "av_empty": ("tag_audiovisual", dict(waveform=tf.zeros([1, 0]), embedding_mean=_E),

@@ -3,6 +3,10 @@
 import csv
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import keras
 import numpy as np
@@ -14,7 +18,7 @@ from av_sound_tf import labels
 from av_sound_tf import models
 from av_sound_tf import tagging
 from av_sound_tf import tflite
-from tests.conftest import run_binary, shared_path
+from tests.conftest import REPO, run_binary, shared_path
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +159,168 @@ def test_audiovisual_tagging_of_videos(exported, tmp_path):
              for l in video.labels)
   audio_only = tagger.tag_file(shared_path("video", "moviepy_crunching.mp3"))
   assert audio_only.status == "ok" and "modality" not in audio_only.labels[0]
+
+
+# ---- Bad model files, non-regular inputs, output written as it goes (issue 14) ------------
+
+def _tflite_cases(lite, tmp_path):
+  """name -> (model path, message part); each model has its class map beside it."""
+  good = open(lite, "rb").read()
+  class_map = open(lite[:-len(".tflite")] + ".labels.csv", "rb").read()
+  rng = np.random.default_rng(0)
+  cases = {
+      "truncated_half": (good[:len(good) // 2], "truncated or damaged TFLite model"),
+      "truncated_tail": (good[:-8], "truncated or damaged TFLite model"),
+      "empty": (b"", "empty file (0 bytes), not a TFLite model"),
+      "random_bytes": (rng.integers(0, 256, 5000, np.uint8).tobytes(),
+                       "not a TFLite model (no TFL3 file identifier"),
+  }
+  out = {}
+  for name, (content, message) in cases.items():
+    path = tmp_path / f"{name}.tflite"
+    path.write_bytes(content)
+    (tmp_path / f"{name}.labels.csv").write_bytes(class_map)
+    out[name] = (str(path), message)
+  # A good model under a name without .tflite (its labels beside it, as "<name>.labels.csv"
+  # would be if the suffix were cut blindly): refused by the naming rule, not guessed at.
+  wrong = tmp_path / "tagger.bin"
+  wrong.write_bytes(good)
+  (tmp_path / "tagger.labels.csv").write_bytes(class_map)
+  (tmp_path / "tag.labels.csv").write_bytes(class_map)
+  out["wrong_name"] = (str(wrong), "a TFLite tagger's name must end in .tflite")
+  return out
+
+
+@pytest.mark.parametrize("case", ["truncated_half", "truncated_tail", "empty", "random_bytes",
+                                  "wrong_name"])
+def test_bad_tflite_models_are_refused_with_one_line(exported, tmp_path, case):
+  """Before: a truncated .tflite crashed bin/tag (segmentation fault, exit 139), an empty one
+  said "`model_path` or `model_content` must be specified", random bytes a UTF-8 decode
+  error, and "tagger.bin" looked for "tag.labels.csv" (the name cut by 7 characters)."""
+  _, lite, _ = exported
+  path, message = _tflite_cases(lite, tmp_path)[case]
+  res = _tag(f"--model={path}", "--tflite", shared_path("esc10", "001 - Dog bark",
+                                                        "1-100032-A.ogg"))
+  assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+  assert "Traceback" not in res.stderr
+  error = [l for l in res.stderr.splitlines() if l.startswith("tag: error:")]
+  assert len(error) == 1 and f"tag: error: {path}: {message}" in error[0], res.stderr[-2000:]
+
+
+def test_tflite_model_checks_cover_every_truncation(exported):
+  """The byte check (what stands between a file and the interpreter's crash) refuses the
+  model cut at any point: every one of the last 300 bytes and 200 random cuts."""
+  _, lite, _ = exported
+  good = open(lite, "rb").read()
+  tflite.check_model_bytes(good, lite)  # the whole file passes
+  cuts = list(range(len(good) - 300, len(good))) + list(
+      np.random.default_rng(0).integers(0, len(good), 200))
+  for cut in cuts:
+    with pytest.raises(ValueError, match="not a TFLite model|truncated|empty"):
+      tflite.check_model_bytes(good[:cut], "cut.tflite")
+
+
+def test_fifo_and_other_non_regular_inputs_are_refused_up_front(exported, tmp_path):
+  """A FIFO among the inputs (named, or inside a folder) used to hang bin/tag forever (and
+  nothing was written). expand_inputs refuses it with the reason before any decoding."""
+  saved, _, _ = exported
+  folder = tmp_path / "inputs"
+  folder.mkdir()
+  clip = shared_path("esc10", "001 - Dog bark", "1-100032-A.ogg")
+  os.mkfifo(folder / "pipe.wav")
+  fifo = str(tmp_path / "named_pipe.ogg")
+  os.mkfifo(fifo)
+  found, refused = tagging.expand_inputs([clip, fifo, str(folder), str(tmp_path / "none.ogg")])
+  assert found == [clip]
+  assert refused == [(fifo, "not a regular file: a FIFO (named pipe)"),
+                     (str(folder / "pipe.wav"), "not a regular file: a FIFO (named pipe)"),
+                     (str(tmp_path / "none.ogg"), "no such file or folder")]
+  out = str(tmp_path / "tags.json")
+  res = run_binary("tag", f"--model={saved}", f"--output={out}", clip, fifo, str(folder),
+                   timeout=120)  # the old code never returned
+  assert res.returncode == 1, res.stderr[-2000:]
+  by_path = {r["path"]: r for r in json.load(open(out))}
+  assert by_path[clip]["status"] == "ok"
+  assert by_path[fifo] == {"path": fifo, "status": "failed", "labels": [],
+                           "reason": "not a regular file: a FIFO (named pipe)",
+                           "duration_seconds": 0.0}
+  assert by_path[str(folder / "pipe.wav")]["status"] == "failed"
+  assert f"{fifo}: FAILED: not a regular file: a FIFO (named pipe)" in res.stdout
+
+
+def test_output_that_cannot_be_written_fails_before_the_model_is_loaded(tmp_path):
+  """--output in a missing folder, under a file, or in an unwritable folder: one clear line
+  and exit 2 before any work (the model path here does not even exist: it is never read).
+  Before: the model was loaded and every file tagged, then writing failed."""
+  clip = shared_path("esc10", "001 - Dog bark", "1-100032-A.ogg")
+  (tmp_path / "a_file").write_text("x")
+  cases = {str(tmp_path / "missing" / "tags.json"): "does not exist",
+           str(tmp_path / "a_file" / "tags.csv"): "is not a folder"}
+  for output, message in cases.items():
+    with pytest.raises((FileNotFoundError, PermissionError), match=message):
+      tagging.ResultWriter(output)
+  readonly = tmp_path / "readonly"
+  readonly.mkdir()
+  readonly.chmod(0o555)
+  unwritable = str(readonly)
+  if not _cannot_create(unwritable):  # root ignores the mode: try sysfs
+    unwritable = "/sys"
+    if not os.path.isdir(unwritable) or not _cannot_create(unwritable):
+      pytest.skip("no unwritable folder available to this user")
+  with pytest.raises(PermissionError, match="cannot write results to .*tags.json"):
+    tagging.ResultWriter(os.path.join(unwritable, "tags.json"))
+  assert not os.path.exists(os.path.join(unwritable, "tags.json.incomplete"))
+  missing_output = str(tmp_path / "missing" / "tags.json")
+  res = _tag(f"--model={tmp_path}/no_such_model", f"--output={missing_output}", clip)
+  assert res.returncode == 2 and "Traceback" not in res.stderr
+  assert f"tag: error: cannot write results to {missing_output}: " \
+         f"{tmp_path / 'missing'} does not exist" in res.stderr, res.stderr[-2000:]
+
+
+def _cannot_create(folder):
+  try:
+    open(os.path.join(folder, ".probe"), "w").close()
+  except OSError:
+    return True
+  os.remove(os.path.join(folder, ".probe"))
+  return False
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_killed_run_keeps_every_finished_result(exported, tmp_path, suffix):
+  """kill -9 of bin/tag after some files are done: --output is a valid JSON list (or CSV)
+  holding those files' results. Before: it was written only at the end, so nothing."""
+  saved, _, _ = exported
+  esc = shared_path("esc10")
+  out = tmp_path / f"tags{suffix}"
+  proc = subprocess.Popen([sys.executable, os.path.join(REPO, "bin", "tag"),
+                           f"--model={saved}", f"--output={out}", "--top_k=2", esc],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  done = []
+  deadline = time.time() + 300
+  try:
+    while len(done) < 3:
+      assert proc.poll() is None, "bin/tag finished before it could be killed"
+      assert time.time() < deadline, "timed out waiting for results"
+      time.sleep(0.05)
+      try:
+        done = _read_results(out, suffix)
+      except (OSError, ValueError):  # not there yet (or caught mid-write: read it again)
+        done = []
+  finally:
+    proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  results = _read_results(out, suffix)  # parses: the file is complete after every result
+  expected = tagging.expand_inputs([esc])[0]
+  # Killed mid-run (the old code wrote all 400 results at the end or nothing).
+  assert 3 <= len(results) < len(expected) == 400
+  assert [r["path"] for r in results] == expected[:len(results)]
+  assert all(r["status"] == "ok" for r in results)
+
+
+def _read_results(path, suffix):
+  if suffix == ".json":
+    return json.load(open(path))
+  rows = list(csv.DictReader(open(path)))
+  assert all(r["rank"] in ("1", "2") for r in rows)
+  return [r for r in rows if r["rank"] == "1"]  # one per file
