@@ -3,20 +3,22 @@
 The same library code as the single-process writer (data_prep/prepare.py), arranged as:
 
   launcher:  read the list (data_prep.inputs) -> plan shards (prepare.start_run: the same
-             deterministic assignment of clips to shards, complete shards of an earlier
-             run kept) -> write the pending jobs to <output_dir>/.beam/jobs-*.jsonl
+             duplicate and split-leak checks, the same deterministic assignment of clips
+             to shards, verified shards of an earlier run kept, damaged ones redone)
+             -> write the pending jobs to <output_dir>/.beam/jobs-*.jsonl
   pipeline:  ReadFromText(jobs) -> ParDo(ProcessClip)   decode, log-mel, frame embeddings;
                                                         the embedder is built once per
                                                         worker in DoFn.setup; a Beam
                                                         counter per outcome / failure kind
              -> GroupByKey(shard name) -> ParDo(WriteShard)   one prepare.ShardWriter per
                                                         shard: clips sorted by input
-                                                        position, de-duplicated by clip id
+                                                        position, one per input position
              + failed clips -> WriteToText(<output_dir>/failed/failed-*.csv) (dead letters)
   launcher:  prepare.finalize (manifest.csv, dataset_info.json), counters, summary.
 
 Exactly once: a retried ProcessClip bundle can emit a clip twice; WriteShard keeps one
-record per clip id. A retried WriteShard rewrites the whole shard to ``.incomplete`` and
+record per input position (a duplicate row of the list is its own input, failed by
+inputs.mark_duplicates, and may share its clip id with the first row). A retried WriteShard rewrites the whole shard to ``.incomplete`` and
 renames it, so the result is the same bytes. The shards are therefore byte-identical to
 the single-process writer's (tests/beam_prepare_test.py checks it).
 
@@ -99,9 +101,9 @@ class WriteShard(beam.DoFn):
     shard, items = element
     unique = {}
     for job, result in items:
-      if job.clip_id in unique:
+      if job.index in unique:
         Metrics.counter(COUNTER_NAMESPACE, "duplicates dropped (retried bundles)").inc()
-      unique[job.clip_id] = (job, result)
+      unique[job.index] = (job, result)
     writer = prepare.ShardWriter(self.output_dir, shard)
     for job, result in sorted(unique.values(), key=lambda t: t[0].index):  # input order
       writer.add(job, result)

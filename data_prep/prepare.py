@@ -8,14 +8,21 @@ Design:
   written as ``<split>-0000k-of-0000N.tfrecord``. A shard is written to
   ``<name>.incomplete`` and renamed when complete; then its manifest part
   ``.manifest/<name>.csv`` is written the same way. The manifest part is the commit mark.
-* Resume: a rerun with the same inputs and flags skips shards whose manifest part exists and
-  redoes the others from scratch, so an interrupted run ends with every input exactly once.
+* Resume: a rerun with the same inputs and flags keeps a shard only when it passes a check
+  against its manifest part (the part lists every input of the shard, and the shard reads
+  to its end with valid CRCs and holds exactly the part's written records); every other
+  shard is redone from scratch, damaged ones with a warning naming the shard and the
+  reason. An interrupted or damaged run thus ends with every input exactly once.
+* Duplicates: before planning, `inputs.mark_duplicates` fails later rows of a recording
+  listed twice (another spelling, a symlink, a byte-identical copy); a recording in two
+  splits stops the run before anything is written, listed in ``split_leaks.csv``.
 * Accounting: ``manifest.csv`` has one row per input (``written`` with shard and index, or
   ``failed`` with the reason), including malformed list rows and media files without a
   row. Segment rows without a media file go to ``missing_media.csv``.
 """
 
 import collections
+import concurrent.futures
 import csv
 import dataclasses
 import functools
@@ -38,6 +45,9 @@ from data_prep import inputs as inputs_lib
 MANIFEST = "manifest.csv"
 MANIFEST_PARTS = ".manifest"
 MISSING_MEDIA = "missing_media.csv"
+SPLIT_LEAKS = "split_leaks.csv"
+SPLIT_LEAK_COLUMNS = ("path", "line", "split", "clip_id", "same_as", "same_as_line",
+                      "same_as_split", "same_as_clip_id", "why")
 RUN_CONFIG = "prepare_config.json"
 MANIFEST_COLUMNS = ("path", "status", "reason", "clip_id", "split", "shard", "index_in_shard",
                     "labels", "num_frames", "duration_seconds", "has_audio", "has_video",
@@ -163,18 +173,24 @@ class ClipProcessor:
     log_mel, duration = None, 0.0
     if cfg.audio:
       try:
-        waveform = media.decode_audio(job.path, start, end, cfg.log_mel.sample_rate)
+        # Compared with the segment actually asked for (trim, --max_seconds), so a cut
+        # never reads as a truncation.
+        decoded = media.read_audio(job.path, start, end, cfg.log_mel.sample_rate)
       except media.MediaError as e:
         if not (cfg.allow_missing_modality and cfg.visual):
           raise
         warnings.append(f"audio missing: {e.reason}")
-        waveform = None
+        decoded = None
+      waveform = None if decoded is None else decoded.waveform
       if waveform is not None:
         duration = waveform.shape[0] / cfg.log_mel.sample_rate
         if duration < max(cfg.min_audio_seconds,
                           cfg.log_mel.window_length / cfg.log_mel.sample_rate):
           raise media.MediaError(job.path, f"audio too short: {duration:.3f} s "
-                                 f"(minimum {cfg.min_audio_seconds} s)")
+                                 f"(minimum {cfg.min_audio_seconds} s)" +
+                                 (f"; {decoded.truncation}" if decoded.truncation else ""))
+        if decoded.truncation:
+          warnings.append(decoded.truncation)
         silence = media.digital_silence_fraction(waveform, cfg.log_mel.sample_rate)
         if silence >= 0.5:
           warnings.append(f"audio is digital silence for {silence:.0%} of its length")
@@ -330,6 +346,9 @@ class Summary:
 
 
 def reason_kind(reason):
+  """The reason without file-specific details, for counting failures by kind."""
+  if reason.startswith("duplicate of "):
+    return "duplicate"  # "duplicate of <first path> (line N)"
   return reason.split(" (")[0].split(": ")[0] if reason else ""
 
 
@@ -372,7 +391,8 @@ def assign_shards(jobs, config):
 
 
 def prepare(inputs: inputs_lib.Inputs, config: PrepareConfig, num_workers: int = 2,
-            overwrite: bool = False, progress_every: float = 5.0) -> Summary:
+            overwrite: bool = False, progress_every: float = 5.0,
+            fingerprint_content: bool = True) -> Summary:
   """Writes sharded TFRecords, the manifest and dataset_info.json for `inputs`.
 
   Args:
@@ -381,13 +401,19 @@ def prepare(inputs: inputs_lib.Inputs, config: PrepareConfig, num_workers: int =
     num_workers: worker processes; 0 runs in this process.
     overwrite: delete an existing run in config.output_dir first.
     progress_every: seconds between progress lines.
+    fingerprint_content: also find byte-identical copies under other names (see
+      `inputs.mark_duplicates`); False compares resolved paths only (benchmarks).
 
   Returns:
     A `Summary`.
+
+  Raises:
+    inputs.SplitLeakError: a recording would land in two splits (nothing is written).
   """
   t0 = time.time()
   out = config.output_dir
-  plan, shard_names, pending, skipped = start_run(inputs, config, overwrite)
+  plan, shard_names, pending, skipped = start_run(inputs, config, overwrite,
+                                                  fingerprint_content)
   total = len(inputs.jobs)
   progress = Progress(total, already_done=total - len(pending), every=progress_every)
   logging.info("[prepare] %d inputs, %d to process (%d complete shards kept), %d workers",
@@ -424,30 +450,63 @@ def prepare(inputs: inputs_lib.Inputs, config: PrepareConfig, num_workers: int =
   return finalize(inputs, config, plan, shard_names, skipped, t0, progress.rate())
 
 
-def start_run(inputs, config, overwrite=False):
-  """What every writer (this module's, the Beam pipeline's) does first: checks a resumed
-  run's settings, writes the label map, plans the shards, and lists the (job, shard name)
-  pairs still to do (complete shards of an earlier run are kept).
+def start_run(inputs, config, overwrite=False, fingerprint_content=True):
+  """What every writer (this module's, the Beam pipeline's) does first: fails duplicate
+  rows and refuses split leaks (`inputs.mark_duplicates`), checks a resumed run's
+  settings, writes the label map, plans the shards, and lists the (job, shard name) pairs
+  still to do (shards of an earlier run that pass `verify_shard` are kept).
 
   Returns (plan, shard_names {(split, k): name}, pending, number of kept shards).
+
+  Raises:
+    inputs.SplitLeakError: a recording would land in two splits; every such row is listed
+      in ``<output_dir>/split_leaks.csv`` and nothing else is written.
   """
   out = config.output_dir
   if overwrite and tf.io.gfile.exists(out):
     tf.io.gfile.rmtree(out)
   tf.io.gfile.makedirs(tf.io.gfile.join(out, MANIFEST_PARTS))
+  leaks = inputs_lib.mark_duplicates(inputs, fingerprint_content)
+  if leaks:
+    _refuse_split_leaks(out, leaks)
   _check_run_config(config, _fingerprint(inputs.jobs))
   inputs.label_map.to_csv(tf.io.gfile.join(out, schema.LABELS_FILE))
   for stale in tf.io.gfile.glob(tf.io.gfile.join(out, "*.incomplete")):
     tf.io.gfile.remove(stale)
   plan = assign_shards(inputs.jobs, config)
-  pending, shard_names, skipped = [], {}, 0
+  shard_names, planned = {}, collections.Counter()
   for split, (num_shards, assigned) in plan.items():
     for k in range(num_shards):
       shard_names[(split, k)] = schema.shard_name(split, k, num_shards)
-    done = {k for k in range(num_shards) if _shard_complete(out, shard_names[(split, k)])}
+    planned.update(shard_names[(split, k)] for _, k in assigned)
+  names = list(shard_names.values())
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:  # remote file systems: in parallel
+    problems = dict(zip(names, pool.map(lambda n: verify_shard(out, n, planned[n]), names)))
+  for name, problem in problems.items():
+    if problem and problem != UNFINISHED:
+      logging.warning("[prepare] redoing shard %s: %s", name, problem)
+  pending, skipped = [], 0
+  for split, (num_shards, assigned) in plan.items():
+    done = {k for k in range(num_shards) if problems[shard_names[(split, k)]] is None}
     skipped += len(done)
     pending.extend((job, shard_names[(split, k)]) for job, k in assigned if k not in done)
   return plan, shard_names, pending, skipped
+
+
+def _refuse_split_leaks(out, leaks):
+  rows = [{"path": l.job.path, "line": l.job.line, "split": l.job.split,
+           "clip_id": l.job.clip_id, "same_as": l.first.path, "same_as_line": l.first.line,
+           "same_as_split": l.first.split, "same_as_clip_id": l.first.clip_id, "why": l.why}
+          for l in leaks]
+  report = tf.io.gfile.join(out, SPLIT_LEAKS)
+  files.write_text(report, files.csv_text(rows, SPLIT_LEAK_COLUMNS))
+  l = leaks[0]
+  raise inputs_lib.SplitLeakError(
+      f"{len(leaks)} input(s) would put a recording in two splits (test data leaking into "
+      f"training), e.g. {l.job.path} (line {l.job.line}, split {l.job.split}) is the same "
+      f"recording as {l.first.path} (line {l.first.line}, split {l.first.split}) "
+      f"({l.why}). Nothing was written; every case is listed in {report}. Give each "
+      "recording (all its copies and segments) one split.", leaks)
 
 
 class ShardWriter:
@@ -481,9 +540,37 @@ class ShardWriter:
     self.writer.close()
 
 
-def _shard_complete(out, name):
-  return (tf.io.gfile.exists(tf.io.gfile.join(out, MANIFEST_PARTS, name + ".csv")) and
-          tf.io.gfile.exists(tf.io.gfile.join(out, name)))
+UNFINISHED = "unfinished"
+
+
+def verify_shard(out, name, num_inputs):
+  """None when shard `name` of an earlier run can be kept, else why it must be redone.
+
+  A kept shard has its manifest part (the commit mark) listing its `num_inputs` planned
+  inputs, and its file reads to the end with valid CRCs (`schema.count_records`) holding
+  exactly the part's written records: this catches a flipped byte, a cut mid-record and a
+  cut at a record boundary. `UNFINISHED`: the part or the shard does not exist (an
+  interrupted run; not worth a warning).
+  """
+  part = tf.io.gfile.join(out, MANIFEST_PARTS, name + ".csv")
+  path = tf.io.gfile.join(out, name)
+  if not (tf.io.gfile.exists(part) and tf.io.gfile.exists(path)):
+    return UNFINISHED
+  try:
+    rows = _read_csv(part)
+  except (csv.Error, UnicodeDecodeError, tf.errors.OpError) as e:
+    return f"its manifest part {part} cannot be read ({e})"
+  if len(rows) != num_inputs or any(r.get("status") not in ("written", "failed")
+                                     for r in rows):
+    return f"its manifest part lists {len(rows)} of {num_inputs} input(s)"
+  written = sum(r["status"] == "written" for r in rows)
+  try:
+    records = schema.count_records(path)
+  except schema.CorruptShardError as e:
+    return str(e)
+  if records != written:
+    return f"{records} record(s) but its manifest part lists {written} written"
+  return None
 
 
 def finalize(inputs, config, plan, shard_names, skipped, t0, clips_per_second):

@@ -4,6 +4,7 @@ the same shards as the single-process writer, dead letters, counters, idempotent
 import csv
 import json
 import os
+import shutil
 
 import pytest
 
@@ -11,7 +12,7 @@ from av_sound_tf import schema
 from data_prep import inputs
 from data_prep import prepare
 from tests.conftest import run_binary, shared_path
-from tests.prep_helpers import read_manifest, shard_bytes, write_list
+from tests.prep_helpers import ESC_CLIPS, read_manifest, shard_bytes, write_list
 
 beam_prepare = pytest.importorskip("data_prep.beam_prepare",
                                    reason="apache-beam is not installed (pip install .[beam])")
@@ -114,3 +115,54 @@ def test_binary_with_a_runner(file_list, tmp_path):
                    "--runner=MapReduceRunner")
   assert res.returncode != 0 and "Traceback" not in res.stderr
   assert "Unknown --runner=MapReduceRunner" in res.stderr
+
+
+def test_duplicates_leaks_and_damaged_shards_as_the_local_writer(tmp_path):
+  """The Beam runner shares start_run: the same duplicate rows fail with the same reasons,
+  a split leak stops it before the pipeline, and a rerun redoes a damaged shard."""
+  esc = shared_path("esc10")
+  d = tmp_path / "media"
+  d.mkdir()
+  shutil.copy(os.path.join(esc, ESC_CLIPS[0]), d / "x.ogg")
+  shutil.copy(os.path.join(esc, ESC_CLIPS[0]), d / "copy.ogg")
+  os.symlink(d / "x.ogg", d / "link.ogg")
+  shutil.copy(os.path.join(esc, ESC_CLIPS[2]), d / "rain.ogg")
+  shutil.copy(os.path.join(esc, ESC_CLIPS[4]), d / "clock.ogg")
+  file_list = write_list(d / "list.csv", [
+      ("x.ogg", "Dog"), ("./x.ogg", "Dog"), ("link.ogg", "Dog"), ("rain.ogg", "Rain"),
+      ("copy.ogg", "Dog"), ("clock.ogg", "Clock")])
+  local, beam = tmp_path / "local", tmp_path / "beam"
+  prepare.prepare(inputs.from_file_list(file_list),
+                  prepare.PrepareConfig(output_dir=str(local), num_shards=2), num_workers=0,
+                  progress_every=0)
+  config = prepare.PrepareConfig(output_dir=str(beam), num_shards=2)
+  run = lambda: beam_prepare.prepare_with_beam(  # pylint: disable=unnecessary-lambda-assignment
+      inputs.from_file_list(file_list), config, runner="DirectRunner", num_workers=2,
+      log=lambda *_: None)
+  summary = run()
+  assert (summary.total, summary.written, summary.failed) == (6, 3, 3)
+  assert summary.counters["failed: duplicate"] == 3
+  assert read_manifest(beam) == read_manifest(local)
+  assert shard_bytes(beam) == shard_bytes(local)
+  first = str(d / "x.ogg")
+  assert sorted(r["reason"] for r in read_manifest(beam) if r["status"] == "failed") == [
+      f"duplicate of {first} (line 2)"] * 3
+  # A flipped byte in a kept shard: the rerun redoes that shard only.
+  name = "data-00001-of-00002.tfrecord"
+  data = bytearray((beam / name).read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  (beam / name).write_bytes(bytes(data))
+  summary = run()
+  assert summary.skipped_shards == 1 and summary.counters["shards written"] == 1
+  assert shard_bytes(beam) == shard_bytes(local)
+  assert read_manifest(beam) == read_manifest(local)
+  # The copy in another split: refused before any job is written for the pipeline.
+  folds = write_list(d / "folds.csv", [("x.ogg", "Dog", "train"), ("copy.ogg", "Dog", "test")],
+                     header=("path", "labels", "fold"))
+  with pytest.raises(inputs.SplitLeakError, match="would put a recording in two splits"):
+    beam_prepare.prepare_with_beam(
+        inputs.from_file_list(folds, split_column="fold"),
+        prepare.PrepareConfig(output_dir=str(tmp_path / "leak")), runner="DirectRunner",
+        num_workers=2, log=lambda *_: None)
+  assert os.path.exists(tmp_path / "leak" / prepare.SPLIT_LEAKS)
+  assert not os.path.exists(tmp_path / "leak" / beam_prepare.BEAM_DIR)

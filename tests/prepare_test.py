@@ -274,3 +274,206 @@ def test_display_names_with_commas(tmp_path, audioset_dir):
                                                    [0, classes.lookup("Dog"),
                                                     classes.lookup("Bark")]]
   assert all(not j.error for j in found.jobs)
+
+
+# ---- Duplicates, split leaks, non-regular files, damaged shards on resume ----------------
+
+@pytest.fixture
+def spellings(tmp_path):
+  """One recording under five spellings and names, another recording, in one folder."""
+  esc = shared_path("esc10")
+  d = tmp_path / "media"
+  (d / "sub").mkdir(parents=True)
+  shutil.copy(os.path.join(esc, ESC_CLIPS[0]), d / "x.ogg")
+  shutil.copy(os.path.join(esc, ESC_CLIPS[0]), d / "copy.ogg")  # the same bytes, other name
+  os.symlink(d / "x.ogg", d / "link.ogg")
+  shutil.copy(os.path.join(esc, ESC_CLIPS[2]), d / "rain.ogg")
+  return d
+
+
+def test_duplicates_under_other_spellings_and_names_fail(spellings):
+  """`x.ogg`, `./x.ogg`, `sub/../x.ogg`, a symlink and a byte-identical copy are one
+  recording: the first row is written, every later one fails naming the first and its line."""
+  d = spellings
+  file_list = write_list(d / "list.csv", [
+      ("x.ogg", "Dog"), ("./x.ogg", "Dog"), ("sub/../x.ogg", "Dog"), ("link.ogg", "Dog"),
+      ("copy.ogg", "Dog"), ("rain.ogg", "Rain")])
+  out = d.parent / "out"
+  summary = run_prepare(file_list, out, num_shards=2)
+  manifest = read_manifest(out)
+  assert (summary.total, summary.written, summary.failed) == (6, 2, 4)
+  assert len(manifest) == 6
+  first = str(d / "x.ogg")
+  rows = {r["path"]: r for r in manifest if r["status"] == "written" or r["path"] != first}
+  assert rows[first]["status"] == "written" and rows[first]["clip_id"] == "x"
+  assert rows[str(d / "rain.ogg")]["status"] == "written"
+  for later in ("link.ogg", "copy.ogg"):
+    assert rows[str(d / later)]["status"] == "failed"
+    assert rows[str(d / later)]["reason"] == f"duplicate of {first} (line 2)"
+  # ./x.ogg and sub/../x.ogg are normalized to x.ogg: two more rows for that path.
+  same = [r for r in manifest if r["path"] == first and r["status"] == "failed"]
+  assert [r["reason"] for r in same] == [f"duplicate of {first} (line 2)"] * 2
+  assert summary.reasons["duplicate"] == 4
+  ids = [ex["clip_id"].numpy().decode() for ex in
+         schema.read_examples(schema.list_shards(str(out), "data"), 2)]
+  assert ids == ["x", "rain"]
+
+
+def test_segments_of_one_file_are_not_duplicates(spellings):
+  """Several segments cut out of one file are distinct clips; the same segment of the same
+  recording twice (under another name) is a duplicate."""
+  d = spellings
+  file_list = write_list(d / "segs.csv", [
+      ("x.ogg", "Dog", 0, 2), ("x.ogg", "Dog", 2, 4), ("copy.ogg", "Dog", 0, 2),
+      ("copy.ogg", "Dog", 3, 5), ("x.ogg", "Dog", 2, 4)],
+      header=("path", "labels", "start_seconds", "end_seconds"))
+  out = d.parent / "out"
+  summary = run_prepare(file_list, out)
+  rows = read_manifest(out)
+  assert summary.total == len(rows) == 5
+  got = sorted((r["clip_id"], r["status"], r["reason"]) for r in rows)
+  first = str(d / "x.ogg")
+  assert got == [("copy_0", "failed", f"duplicate of {first} (line 2)"),
+                 ("copy_3", "written", ""),
+                 ("x_0", "written", ""), ("x_2", "failed", f"duplicate of {first} (line 3)"),
+                 ("x_2", "written", "")]
+
+
+def test_same_recording_in_two_splits_stops_the_run(spellings):
+  """A recording (any spelling, copy or segment of it) in two splits would leak test data
+  into training: nothing is written, the error names both rows, a report lists every pair."""
+  d = spellings
+  file_list = write_list(d / "folds.csv", [
+      ("x.ogg", "Dog", "1"), ("rain.ogg", "Rain", "1"), ("copy.ogg", "Dog", "2"),
+      ("./rain.ogg", "Rain", "3"), ("x.ogg", "Dog", "1")],
+      header=("path", "labels", "fold"))
+  out = d.parent / "out"
+  found = inputs.from_file_list(file_list, split_column="fold")
+  with pytest.raises(ValueError) as e:
+    prepare.prepare(found, prepare.PrepareConfig(output_dir=str(out)), num_workers=0)
+  message = str(e.value)
+  assert "2 input(s) would put a recording in two splits" in message
+  assert f"{d / 'copy.ogg'} (line 4, split 2) is the same recording as {d / 'x.ogg'} " \
+         "(line 2, split 1)" in message
+  assert not glob.glob(str(out / "*.tfrecord")) and not os.path.exists(out / "manifest.csv")
+  with open(out / "split_leaks.csv") as f:
+    report = list(csv.DictReader(f))
+  assert [(r["path"], r["line"], r["split"], r["same_as"], r["same_as_line"],
+           r["same_as_split"]) for r in report] == [
+               (str(d / "copy.ogg"), "4", "2", str(d / "x.ogg"), "2", "1"),
+               (str(d / "rain.ogg"), "5", "3", str(d / "rain.ogg"), "3", "1")]
+  # Segments of one file in two splits leak as well.
+  seg_list = write_list(d / "segfolds.csv", [("x.ogg", "Dog", 0, 2, "1"),
+                                             ("x.ogg", "Dog", 2, 4, "2")],
+                        header=("path", "labels", "start_seconds", "end_seconds", "fold"))
+  with pytest.raises(ValueError, match="1 input\\(s\\) would put a recording in two splits"):
+    prepare.prepare(inputs.from_file_list(seg_list, split_column="fold"),
+                    prepare.PrepareConfig(output_dir=str(d.parent / "out2")), num_workers=0)
+
+
+def test_binary_refuses_a_split_leak_in_one_line(spellings):
+  d = spellings
+  file_list = write_list(d / "folds.csv", [("x.ogg", "Dog", "train"),
+                                           ("link.ogg", "Dog", "test")],
+                         header=("path", "labels", "fold"))
+  res = _bin("--file_list", file_list, "--split_column", "fold", "--output_dir",
+             str(d.parent / "out"), "--num_workers", "0")
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert "Traceback" not in res.stderr
+  (line,) = [l for l in res.stderr.splitlines() if "two splits" in l]
+  assert f"{d / 'link.ogg'} (line 3, split test) is the same recording as {d / 'x.ogg'}" in line
+
+
+def test_segment_list_same_media_under_two_names(tmp_path):
+  """AudioSet mode: two downloads with the same bytes under two YouTube ids are one clip."""
+  esc = shared_path("esc10")
+  media_dir = tmp_path / "media"
+  media_dir.mkdir()
+  shutil.copy(os.path.join(esc, ESC_CLIPS[0]), media_dir / "aaaaaaaaaaa_30_40.ogg")
+  shutil.copy(os.path.join(esc, ESC_CLIPS[0]), media_dir / "bbbbbbbbbbb.ogg")
+  shutil.copy(os.path.join(esc, ESC_CLIPS[2]), media_dir / "ccccccccccc.ogg")
+  segs = tmp_path / "segments.csv"
+  segs.write_text("# YTID, start_seconds, end_seconds, positive_labels\n"
+                  'aaaaaaaaaaa, 30.000, 40.000, "/m/0bt9lr"\n'
+                  'bbbbbbbbbbb, 0.000, 10.000, "/m/0bt9lr"\n'
+                  'ccccccccccc, 0.000, 10.000, "/m/06mb1"\n')
+  classes = labels.LabelMap(["/m/0bt9lr", "/m/06mb1"], ["Dog", "Rain"])
+  found = inputs.from_segments(str(segs), str(media_dir), classes, split="eval")
+  out = tmp_path / "out"
+  summary = prepare.prepare(found, prepare.PrepareConfig(output_dir=str(out)), num_workers=0)
+  rows = {r["clip_id"]: (r["status"], r["reason"]) for r in read_manifest(out)}
+  assert rows == {
+      "aaaaaaaaaaa_30": ("written", ""),
+      "bbbbbbbbbbb_0": ("failed",
+                        f"duplicate of {media_dir / 'aaaaaaaaaaa_30_40.ogg'} (line 2)"),
+      "ccccccccccc_0": ("written", "")}
+  assert summary.written == 2
+
+
+def test_fifo_in_the_list_fails_up_front(tmp_path, esc_list):
+  """A FIFO is never opened (opening one blocks until a writer appears): its row fails with
+  the reason, the run ends. The timeout turns a hang into a failure."""
+  fifo = tmp_path / "pipe.ogg"
+  os.mkfifo(fifo)
+  empty = tmp_path / "empty.ogg"  # the FIFO's size too: the duplicate check compares them
+  empty.write_bytes(b"")
+  rows = list(csv.reader(open(esc_list)))[1:3] + [(str(fifo), "Rain"), (str(empty), "Rain")]
+  file_list = write_list(tmp_path / "fifo.csv", rows)
+  out = tmp_path / "out"
+  res = run_binary("prepare_data", "--file_list", file_list, "--output_dir", str(out),
+                   "--num_workers", "0", "--max_failure_fraction", "0.5", timeout=120)
+  assert res.returncode == 0, res.stderr[-2000:]
+  rows = {r["path"]: r for r in read_manifest(out)}
+  assert rows[str(fifo)]["status"] == "failed"
+  assert rows[str(fifo)]["reason"] == "not a regular file: a FIFO (named pipe)"
+  assert rows[str(empty)]["reason"].startswith("not a readable media file")
+  assert sum(r["status"] == "written" for r in rows.values()) == 2
+
+
+def _record_boundary(path):
+  """Byte offset just after the first TFRecord record (8-byte length, 4-byte CRC, data,
+  4-byte CRC)."""
+  with open(path, "rb") as f:
+    length = int(np.frombuffer(f.read(8), "<u8")[0])
+  return 8 + 4 + length + 4
+
+
+def test_rerun_redoes_damaged_shards(esc_list, tmp_path, caplog):
+  """A rerun verifies every kept shard against its manifest part: a flipped byte, a cut
+  mid-record, a cut at a record boundary and a short manifest part are each redone; the
+  final shards equal an uninterrupted run's."""
+  out = tmp_path / "out"
+  run_prepare(esc_list, out, num_shards=4)  # 5 clips: 2, 1, 1, 1 per shard
+  reference = shard_bytes(out)
+  names = sorted(reference)
+  with open(out / names[0], "r+b") as f:  # the first record only: a valid, shorter file
+    f.truncate(_record_boundary(out / names[0]))
+  with open(out / names[1], "r+b") as f:  # one byte flipped in the middle of the record
+    f.seek(len(reference[names[1]]) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  with open(out / names[2], "r+b") as f:  # cut mid-record
+    f.truncate(len(reference[names[2]]) // 2)
+  caplog.set_level("WARNING")
+  summary = run_prepare(esc_list, out, num_shards=4)
+  assert summary.skipped_shards == 1
+  assert shard_bytes(out) == reference
+  manifest = read_manifest(out)
+  assert len(manifest) == 5 and len({r["clip_id"] for r in manifest}) == 5
+  assert all(r["status"] == "written" for r in manifest)
+  redone = [r.getMessage() for r in caplog.records if "redoing shard" in r.getMessage()]
+  assert len(redone) == 3
+  assert any(names[0] in m and "1 record(s) but its manifest part lists 2 written" in m
+             for m in redone)
+  assert any(names[1] in m and "corrupted or truncated TFRecord" in m for m in redone)
+  assert any(names[2] in m and "corrupted or truncated TFRecord" in m for m in redone)
+  # A manifest part that lost rows (it must list every input of its shard) is redone too.
+  part = out / ".manifest" / (names[3] + ".csv")
+  part.write_text(part.read_text().splitlines()[0] + "\n")
+  caplog.clear()
+  summary = run_prepare(esc_list, out, num_shards=4)
+  assert summary.skipped_shards == 3 and shard_bytes(out) == reference
+  assert len(read_manifest(out)) == 5
+  assert any(names[3] in r.getMessage() and "lists 0 of 1 input(s)" in r.getMessage()
+             for r in caplog.records)
