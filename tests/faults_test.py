@@ -36,6 +36,12 @@ def _wav(path, data, rate, subtype="PCM_16"):
   return str(path)
 
 
+def _cut(path, size):
+  with open(path, "r+b") as f:
+    f.truncate(size)
+  return path
+
+
 def _video_without_audio(path):
   with av.open(str(path), "w") as c:
     s = c.add_stream("libx264", rate=10)
@@ -59,21 +65,33 @@ def bad_media(tmp_path_factory):
   (d / "empty.mp4").write_bytes(b"")
   (d / "truncated.mp4").write_bytes(mp4[:len(mp4) // 2])
   (d / "truncated.ogg").write_bytes(dog[:len(dog) // 2])
+  webm = open(shared_path("video", "moviepy_big_buck_bunny_0_30.webm"), "rb").read()
+  (d / "truncated.webm").write_bytes(webm[:len(webm) // 2])
+  fire = open(shared_path("video", "moviepy_fire2.mp4"), "rb").read()  # index first
+  (d / "truncated_indexed.mp4").write_bytes(fire[:len(fire) // 2])
   (d / "dog_really_ogg.mp3").write_bytes(dog)
   (d / "notes.wav").write_text("this is a text file\n" * 50)
   nan = np.full(32000, 0.1, np.float32)
   nan[100:200] = np.nan
   spaced = d / "dir with space"
   spaced.mkdir()
-  (spaced / "ünïcødé 声音 clip.ogg").write_bytes(dog)
+  # Another clip: a byte-identical copy of `dog` would be a duplicate (issue 14).
+  shutil.copy(shared_path("esc10", "001 - Dog bark", "1-110389-A.ogg"),
+              spaced / "ünïcødé 声音 clip.ogg")
   sine = lambda rate, n: 0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / rate)  # pylint: disable=unnecessary-lambda-assignment
   cases = {
       # name: (path, status, reason or warning part, expected log-mel frames or None)
       "empty": (str(d / "empty.mp4"), "failed", "not a readable media file", None),
       "truncated_mp4": (str(d / "truncated.mp4"), "failed", "not a readable media file", None),
-      # Ogg pages are self-contained: the decodable first half is kept (its real length is
-      # in duration_seconds), like any decoder would.
-      "truncated_ogg": (str(d / "truncated.ogg"), "written", "", 202),
+      # What decodes is kept (its real length is in duration_seconds) and the row says
+      # that the file looks cut: Ogg declares no length, but its last page lacks the
+      # end-of-stream mark; WebM and an mp4 with its index first declare the full length.
+      "truncated_ogg": (str(d / "truncated.ogg"), "written", "decoded 2.0 s; the Ogg stream "
+                        "ends without its end-of-stream page (truncated?)", 202),
+      "truncated_webm": (str(d / "truncated.webm"), "written", "decoded 14.5 s of the 30.0 s "
+                         "the container declares (truncated?)", 1444),
+      "truncated_indexed_mp4": (str(d / "truncated_indexed.mp4"), "written", "decoded 1.0 s "
+                                "of the 2.3 s the container declares (truncated?)", 103),
       "wrong_extension": (str(d / "dog_really_ogg.mp3"), "written", "", 499),
       "text_as_wav": (str(d / "notes.wav"), "failed", "not a readable media file", None),
       "no_audio_track": (_video_without_audio(d / "silent_film.mp4"), "failed",
@@ -92,6 +110,11 @@ def bad_media(tmp_path_factory):
       "75_seconds": (_wav(d / "long.wav", 0.1 * rng.normal(size=16000 * 75), 16000), "written",
                      "75 s long: kept the first 60 s", features.DEFAULT_PARAMS.num_frames(
                          16000 * 60)),
+      # Cut at 30 s of the 75 s its header declares (FFmpeg itself reports 30 s for it).
+      "truncated_wav": (_cut(_wav(d / "long_cut.wav", 0.1 * rng.normal(size=16000 * 75),
+                                  16000), 44 + 2 * 16000 * 30), "written",
+                        "decoded 30.0 s of the 75.0 s the container declares (truncated?)",
+                        features.DEFAULT_PARAMS.num_frames(16000 * 30)),
       "spaces_non_ascii": (str(spaced / "ünïcødé 声音 clip.ogg"), "written", "", 499),
   }
   return cases
@@ -113,11 +136,32 @@ def test_every_bad_media_case_is_accounted_for(bad_media, tmp_path):
     assert row["status"] == status, (name, row)
     text = row["reason"] if status == "failed" else row.get("warnings", "")
     assert message in text, (name, row)
+    if status == "written":  # no truncation warning where none is due
+      assert ("(truncated?)" in text) == ("(truncated?)" in message), (name, row)
     if status == "failed":
       assert path not in frames
     elif num_frames is not None:
       assert frames[path] == num_frames, name
   assert summary.written == sum(s == "written" for _, s, _, _ in bad_media.values())
+
+
+@pytest.mark.parametrize("max_seconds,warnings", [
+    (10, "30 s long: kept the first 10 s"),
+    (20, "30 s long: kept the first 20 s; decoded 14.5 s of the 20.0 s the container "
+         "declares for 0-20 s (truncated?)"),
+    (0, "decoded 14.5 s of the 30.0 s the container declares (truncated?)")])
+def test_truncation_is_judged_against_the_part_kept(tmp_path, max_seconds, warnings):
+  """--max_seconds cuts are not truncations: a cut WebM (30 s declared, 14.5 s decode) is
+  complete for its first 10 s, and short of the first 20 s."""
+  webm = open(shared_path("video", "moviepy_big_buck_bunny_0_30.webm"), "rb").read()
+  path = tmp_path / "cut.webm"
+  path.write_bytes(webm[:len(webm) // 2])
+  out = tmp_path / "out"
+  prepare.prepare(inputs.from_file_list(write_list(tmp_path / "list.csv", [(path, "Dog")])),
+                  prepare.PrepareConfig(output_dir=str(out), max_seconds=max_seconds),
+                  num_workers=0, progress_every=0)
+  [row] = read_manifest(out)
+  assert (row["status"], row["warnings"]) == ("written", warnings)
 
 
 def test_label_faults_in_a_segment_list(tmp_path):
