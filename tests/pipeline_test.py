@@ -63,19 +63,26 @@ def test_train_batches_and_random_crops(data):
   x, y = batch
   assert x.shape == (4, 256, 64) and y.shape == (4, 4)
   refs = [e[1].astype(np.float16).astype(np.float32) for e in examples["train"]]
-  for row in x:  # every crop is a window of some clip (or a padded clip)
-    found = False
-    for ref in refs:
-      if ref.shape[0] >= 256:
-        for off in range(ref.shape[0] - 255):
-          if np.array_equal(ref[off:off + 256, :8], row[:, :8]):
-            found = True
-            break
-      elif np.array_equal(ref, row[:ref.shape[0]]):
-        found = True
-      if found:
-        break
-    assert found
+  offsets = []  # of the crops of clips longer than the window
+  for x, _ in _take(pipeline.train_dataset(files, cfg, num_examples=30), 4):
+    for row in x:  # every crop is a window of some clip (or a padded clip)
+      found = False
+      for ref in refs:
+        if ref.shape[0] > 256:
+          for off in range(ref.shape[0] - 255):
+            if np.array_equal(ref[off:off + 256], row):
+              found = True
+              offsets.append((off, ref.shape[0] - 256))
+              break
+        elif np.array_equal(ref, row[:ref.shape[0]]):
+          found = True
+          np.testing.assert_array_equal(row[ref.shape[0]:], np.float32(FLOOR))
+        if found:
+          break
+      assert found
+  # Random windows: not always the start, and anywhere up to the last one.
+  assert len(offsets) >= 3 and len({o for o, _ in offsets}) >= 3
+  assert all(0 <= o <= last for o, last in offsets) and max(o for o, _ in offsets) > 0
 
 
 AUGMENTED = dict(mixup_alpha=0.2, time_mask=48, freq_mask=8)
