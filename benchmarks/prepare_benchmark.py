@@ -3,11 +3,20 @@
 
 Not a test: it prints figures for docs/benchmarks.md. The clips are real audio: pairs of
 ESC-10 recordings joined into 10 s clips and encoded as 44.1 kHz stereo AAC (.m4a), the
-kind of file an AudioSet download gives.
+kind of file an AudioSet download gives. Beyond --unique_clips, the files are copies that
+differ in a trailing MP4 `free` box (same audio, other bytes, the same size as the other
+copies of their source): preparation refuses byte-identical copies, and same-size files
+are what its duplicate check must hash, so this is its worst case.
+
+It also measures the duplicate check (`inputs.mark_duplicates`: paths resolved, files that
+share their size hashed with SHA-256) in the same run: preparation with and without content
+fingerprints, alternating, and the check alone.
 
   .venv/bin/python benchmarks/prepare_benchmark.py [--clips=1000] [--unique_clips=200]
+      [--fingerprint_repeats=2]
 """
 
+import collections
 import glob
 import os
 import sys
@@ -30,13 +39,17 @@ from data_prep import inputs
 from data_prep import prepare
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("clips", 1000, "Clips to prepare (unique files are linked repeatedly).")
+flags.DEFINE_integer("clips", 1000, "Clips to prepare (unique encodes are copied with "
+                     "distinct trailing bytes).")
 flags.DEFINE_integer("unique_clips", 200, "Distinct 10 s files to encode.")
 flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Worker processes for preparation.")
 flags.DEFINE_integer("frontend_clips", 100, "Clips for the front-end comparison.")
 flags.DEFINE_string("esc10", os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "..", "shared", "data", "esc10"), "ESC-10 folder.")
 flags.DEFINE_string("work_dir", None, "Where clips and shards go (default: a temp dir).")
+flags.DEFINE_integer("fingerprint_repeats", 2, "Preparation runs with and without content "
+                     "fingerprints each (alternating) for the overhead ratio; 0 skips it.",
+                     lower_bound=0)
 
 
 def encode_clip(path, left, right, rate=44100):
@@ -75,10 +88,15 @@ def make_clips(work_dir, n_unique, n_total):
   for i in range(n_total):
     path = unique[i % n_unique]
     if i >= n_unique:
-      link = os.path.join(clip_dir, f"link{i:05d}.m4a")
-      if not os.path.exists(link):
-        os.symlink(path, link)
-      path = link
+      copy = os.path.join(clip_dir, f"copy{i:05d}.m4a")
+      if not os.path.exists(copy):
+        with open(path, "rb") as f:
+          data = f.read()
+        # An MP4 `free` box (size, type, payload) after the others: ignored by demuxers.
+        payload = f"{i:012d}".encode()
+        with open(copy, "wb") as f:
+          f.write(data + (8 + len(payload)).to_bytes(4, "big") + b"free" + payload)
+      path = copy
     rows.append(f"{path},Speech")
   file_list = os.path.join(work_dir, "list.csv")
   with open(file_list, "w") as f:
@@ -86,17 +104,35 @@ def make_clips(work_dir, n_unique, n_total):
   return file_list, unique
 
 
-def bench_prepare(file_list, work_dir):
+def bench_prepare(file_list, work_dir, fingerprint_content=True):
   out = os.path.join(work_dir, "shards")
   found = inputs.from_file_list(file_list)
   config = prepare.PrepareConfig(output_dir=out)
   t0 = time.perf_counter()
   summary = prepare.prepare(found, config, num_workers=FLAGS.num_workers, overwrite=True,
-                            progress_every=10)
+                            progress_every=10, fingerprint_content=fingerprint_content)
   wall = time.perf_counter() - t0
   n = sum(1 for _ in schema.read_examples(schema.list_shards(out, "data"), 1))
   assert n == summary.written == FLAGS.clips, (n, summary.written)
   return wall, summary
+
+
+def bench_fingerprint(file_list, work_dir, wall):
+  """Preparation with and without content fingerprints (alternating), and the check alone."""
+  walls = {True: [], False: []}
+  for _ in range(FLAGS.fingerprint_repeats):
+    for on in (False, True):
+      walls[on].append(bench_prepare(file_list, work_dir, fingerprint_content=on)[0])
+  walls[True].append(wall)  # the main run above had fingerprints on
+  found = inputs.from_file_list(file_list)
+  t = time.perf_counter()
+  leaks = inputs.mark_duplicates(found)
+  check = time.perf_counter() - t
+  assert not leaks and not any(j.error for j in found.jobs)
+  sizes = collections.Counter(os.path.getsize(j.path) for j in found.jobs)
+  hashed = sum(n for n in sizes.values() if n > 1)
+  megabytes = sum(os.path.getsize(j.path) for j in found.jobs) / 1e6
+  return walls, check, hashed, megabytes
 
 
 def bench_stages(paths):
@@ -176,6 +212,20 @@ def main(argv):
         f"{FLAGS.num_workers} workers:")
   print(f"  end to end (incl. worker start-up): {wall:.1f} s = {FLAGS.clips / wall:.1f} clips/s")
   print(f"  steady state (progress rate):       {summary.clips_per_second:.1f} clips/s")
+  if FLAGS.fingerprint_repeats:
+    walls, check, hashed, megabytes = bench_fingerprint(file_list, work_dir, wall)
+    with_fp, without_fp = min(walls[True]), min(walls[False])
+    print(f"\nDuplicate check (paths resolved; {hashed} of {FLAGS.clips} files share their "
+          f"size and are hashed, {megabytes:.0f} MB in all):")
+    print("  end to end with content fingerprints:    "
+          + ", ".join(f"{w:.1f}" for w in walls[True]) + " s")
+    print("  end to end without content fingerprints: "
+          + ", ".join(f"{w:.1f}" for w in walls[False]) + " s")
+    print(f"  ratio with / without (best of each):     {with_fp / without_fp:.3f} "
+          "(run-to-run noise included)")
+    print(f"  the check alone (mark_duplicates):       {check:.2f} s = "
+          f"{1000 * check / FLAGS.clips:.2f} ms per clip = "
+          f"{100 * check / without_fp:.1f} % of the best run without it")
   dec, mel, ser = bench_stages(unique[:50])
   print("\nPer-clip stage cost, one process, sequential (ms):")
   print(f"  decode + resample {dec:.1f} | log-mel {mel:.2f} | serialize {ser:.2f}")

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Benchmark: how fast `schema.check_shards` (training's --verify_shards) reads shards.
+"""Benchmark: how fast shards are verified: `schema.check_shards` (training's
+--verify_shards) and `prepare.verify_shard` (what a rerun of bin/prepare_data does to every
+shard it keeps: its manifest part read, the shard read with CRC checks, the counts compared).
 
   .venv/bin/python benchmarks/shard_check_benchmark.py [--gigabytes=1.0] [--dir=/tmp]
 
 Writes one TFRecord of 512 KB records (about the size of a 10 s float16 log-mel example
-with its metadata is 128 KB; the record size barely matters), then counts its records
-twice with CRC checks. The second pass reads from the page cache. Not a test.
+with its metadata is 128 KB; the record size barely matters) and a manifest part listing
+them, then counts its records twice with CRC checks (the second pass reads from the page
+cache), then runs `prepare.verify_shard` on it. Not a test.
 """
 
 import os
@@ -20,7 +23,9 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+from av_sound_tf import files  # pylint: disable=g-import-not-at-top
 from av_sound_tf import schema  # pylint: disable=g-import-not-at-top
+from data_prep import prepare  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_float("gigabytes", 1.0, "Size of the test shard.")
 flags.DEFINE_string("dir", "/tmp", "Where the test shard is written (and removed).")
@@ -28,11 +33,18 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
-  path = os.path.join(FLAGS.dir, "shard_check_benchmark.tfrecord")
+  name = "shard_check_benchmark.tfrecord"
+  path = os.path.join(FLAGS.dir, name)
+  part = os.path.join(FLAGS.dir, prepare.MANIFEST_PARTS, name + ".csv")
   record = np.random.default_rng(0).bytes(512 * 1024)
+  num_records = int(FLAGS.gigabytes * 2048)
   with tf.io.TFRecordWriter(path) as w:
-    for _ in range(int(FLAGS.gigabytes * 2048)):
+    for _ in range(num_records):
       w.write(record)
+  os.makedirs(os.path.dirname(part), exist_ok=True)
+  files.write_csv(part, [{"path": f"clip{i}.ogg", "status": "written", "clip_id": f"clip{i}",
+                          "split": "data", "shard": name, "index_in_shard": i}
+                         for i in range(num_records)], prepare.MANIFEST_COLUMNS)
   size = os.path.getsize(path) / 1e9
   try:
     for run in (1, 2):
@@ -41,8 +53,16 @@ def main(_):
       seconds = time.time() - start
       print(f"pass {run}: {n} records, {size:.2f} GB in {seconds:.2f} s = "
             f"{size / seconds:.2f} GB/s")
+    start = time.time()
+    problem = prepare.verify_shard(FLAGS.dir, name, num_records)
+    seconds = time.time() - start
+    assert problem is None, problem
+    print(f"prepare.verify_shard (a rerun's check of a kept shard): {size:.2f} GB in "
+          f"{seconds:.2f} s = {size / seconds:.2f} GB/s")
   finally:
     os.remove(path)
+    os.remove(part)
+    os.rmdir(os.path.dirname(part))
 
 
 if __name__ == "__main__":

@@ -477,3 +477,24 @@ def test_rerun_redoes_damaged_shards(esc_list, tmp_path, caplog):
   assert len(read_manifest(out)) == 5
   assert any(names[3] in r.getMessage() and "lists 0 of 1 input(s)" in r.getMessage()
              for r in caplog.records)
+
+
+def test_duplicates_on_a_non_local_file_system():
+  """ram:// (the code path of gs://): paths are normalized textually, copies found by their
+  bytes through tf.io.gfile."""
+  assert inputs.normalize_path("gs://b/a/./x/../y.ogg") == "gs://b/a/y.ogg"
+  assert inputs.resolved_path("gs://b//a/y.ogg") == "gs://b/a/y.ogg"
+  src = shared_path("esc10", ESC_CLIPS[0])
+  tf.io.gfile.makedirs("ram://dup_in/sub")
+  for name in ("a.ogg", "b.ogg"):
+    tf.io.gfile.copy(src, f"ram://dup_in/{name}", overwrite=True)
+  tf.io.gfile.copy(shared_path("esc10", ESC_CLIPS[1]), "ram://dup_in/c.ogg", overwrite=True)
+  with tf.io.gfile.GFile("ram://dup_in/list.csv", "w") as f:
+    f.write("path,labels\na.ogg,Dog\nsub/../a.ogg,Dog\nb.ogg,Dog\nc.ogg,Dog\n")
+  found = inputs.from_file_list("ram://dup_in/list.csv")
+  assert not inputs.mark_duplicates(found)
+  assert [(j.path, j.error) for j in found.jobs] == [
+      ("ram://dup_in/a.ogg", ""),
+      ("ram://dup_in/a.ogg", "duplicate of ram://dup_in/a.ogg (line 2)"),
+      ("ram://dup_in/b.ogg", "duplicate of ram://dup_in/a.ogg (line 2)"),
+      ("ram://dup_in/c.ogg", "")]
