@@ -27,8 +27,7 @@ audio, when ``data_dir`` is given; else deterministic test signals, `export.test
 and its clip scores are compared with the Keras model's (`export.keras_reference`, the same
 reference the SavedModel export is checked against). The max |diff| per variant is returned
 and written to ``<name>.json``; a variant beyond its tolerance (`TOLERANCES`: float32 1e-4,
-float16 2e-2, int8 0.2, from the measurements in docs/benchmarks.md) fails the conversion
-and is not written.
+float16 2e-2, int8 0.15, chosen from measurements) fails the conversion and is not written.
 
 Reading a .tflite file: the interpreter does not verify the flatbuffer and crashes the
 process (segmentation fault) on a truncated file. `read_model` checks the bytes first: the
@@ -55,11 +54,11 @@ from av_sound_tf import schema
 VARIANTS = ("float32", "float16", "int8")
 FRONT_END = "front_end"  # layer name; its ops stay float32 in the int8 model
 # Max |clip score difference| to the Keras model that `convert` accepts per variant.
-# Measured (docs/benchmarks.md, ESC-10 model on 40 real windows): float32 1.5e-6, float16
-# 0.0057, int8 0.069; random-weight test models: float32 <= 1e-6, float16 <= 0.005, int8
-# <= 0.06 (tests/tflite_test.py). The int8 bound leaves room for larger models; a broken
-# quantization (the front end quantized too) is far beyond it.
-TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "int8": 0.2}
+# Measured: the ESC-10 model of docs/benchmarks.md on 40 real windows: float32 1.5e-6,
+# float16 0.0057, int8 0.069; a 12-epoch ESC-10 model (width 0.125) on 100 windows: float32
+# 2.1e-7, float16 4.6e-4, int8 0.0093, and 0.295 (top-1 agreement 26 %) when the front end
+# is quantized too, the known way to ruin it. The int8 bound sits between the two.
+TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "int8": 0.15}
 TEST_SIGNAL_WINDOWS = 16
 TFLITE_SUFFIX = ".tflite"
 

@@ -1,5 +1,6 @@
 """SavedModel export: signatures, the class-map asset, in-graph checks, saved_model_cli."""
 
+import json
 import os
 import subprocess
 import sys
@@ -206,9 +207,15 @@ def test_saved_model_cli(exported, tmp_path):
 def test_binary(exported, tmp_path):
   _, _, paths, _ = exported
   res = run_binary("export", f"--audio_model={paths['audio']}", f"--labels={paths['labels']}",
-                   f"--export_base={tmp_path}", timeout=600)
+                   f"--export_base={tmp_path}", f"--tflite_dir={tmp_path / 'tflite'}",
+                   "--tflite_variants=float32", timeout=600)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "verified against Keras" in res.stdout
+  # The TFLite model is checked too, on test signals (no --data_dir), and says so.
+  line = next(l for l in res.stdout.splitlines() if l.startswith("tflite float32:"))
+  assert "verified against Keras on 16 windows: max abs diff " in line and "<= 0.0001" in line
+  info = json.load(open(tmp_path / "tflite" / "audio_tagger.json"))
+  assert info["verification"]["float32"]["max_abs_diff"] <= 1e-4
   res = run_binary("export", f"--audio_model={tmp_path}/missing.keras",
                    f"--labels={paths['labels']}", f"--export_base={tmp_path}", timeout=600)
   assert res.returncode == 2 and "Not found" in res.stderr and "Traceback" not in res.stderr

@@ -324,3 +324,57 @@ def _read_results(path, suffix):
   rows = list(csv.DictReader(open(path)))
   assert all(r["rank"] in ("1", "2") for r in rows)
   return [r for r in rows if r["rank"] == "1"]  # one per file
+
+
+def test_result_writer_keeps_the_output_valid_after_every_result(tmp_path):
+  """Local: after each add the file is a valid JSON list / CSV holding exactly the results
+  so far (the same JSON as one json.dumps at the end). Other file systems (ram:// here, like
+  gs://) are rewritten whole, at most every remote_interval seconds, and by close()."""
+  results = [tagging.TagResult("a.wav", "ok", "", [{"name": "A", "mid": "/m/a", "score": 0.9}],
+                               1.0),
+             tagging.TagResult("b, \"quoted\".wav", "failed", "not a readable media file"),
+             tagging.TagResult("c.wav", "ok", "", [{"name": "B", "mid": "/m/b", "score": 0.4},
+                                                   {"name": "A", "mid": "/m/a", "score": 0.1}],
+                               2.5)]
+  for suffix in (".json", ".csv"):
+    path = tmp_path / f"tags{suffix}"
+    path.write_text("an earlier run's output")
+    writer = tagging.ResultWriter(str(path))
+    assert path.read_text() == "an earlier run's output"  # untouched until the first result
+    for n in range(1, len(results) + 1):
+      writer.add(results[n - 1])
+      if suffix == ".json":
+        assert json.load(open(path)) == [r.to_dict() for r in results[:n]]
+      else:
+        assert list(csv.DictReader(open(path))) == [
+            {k: str(v) for k, v in row.items()} | {f: "" for f in tagging.CSV_FIELDS
+                                                    if f not in row}
+            for row in tagging.csv_rows(results[:n])]
+    writer.close()
+  empty = tagging.ResultWriter(str(tmp_path / "none.json"))
+  empty.close()
+  assert json.load(open(tmp_path / "none.json")) == []
+  remote = "ram://tag_test/tags.json"
+  writer = tagging.ResultWriter(remote, remote_interval=3600)
+  writer.add(results[0])  # the first result is written at once
+  writer.add(results[1])  # within the interval: kept for the next rewrite
+  assert json.loads(tf.io.gfile.GFile(remote).read()) == [results[0].to_dict()]
+  writer.close()
+  assert json.loads(tf.io.gfile.GFile(remote).read()) == [r.to_dict() for r in results[:2]]
+
+
+def test_sigterm_closes_the_output(exported, tmp_path):
+  """SIGTERM (preemption) unwinds bin/tag like Ctrl-C: the output holds every result."""
+  saved, _, _ = exported
+  out = tmp_path / "tags.json"
+  proc = subprocess.Popen([sys.executable, os.path.join(REPO, "bin", "tag"),
+                           f"--model={saved}", f"--output={out}", shared_path("esc10")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (out.exists() and out.stat().st_size > 100):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+  results = json.load(open(out))
+  assert 1 <= len(results) < 400 and all(r["status"] == "ok" for r in results)

@@ -2,6 +2,7 @@
 both audio architectures (the paper's model and the on-device student)."""
 
 import glob
+import json
 import os
 
 import keras
@@ -10,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from av_sound_tf import export
+from av_sound_tf import labels
 from av_sound_tf import media
 from av_sound_tf import models
 from av_sound_tf import tflite
@@ -58,7 +60,7 @@ def test_variants_exist_with_labels(converted):
   net = {v: s - front_end for v, s in sizes.items()}
   assert net["float16"] < 0.6 * net["float32"] and net["int8"] < 0.6 * net["float32"], sizes
   for p in paths.values():
-    assert os.path.exists(p[:-len(".tflite")] + ".labels.csv")
+    assert os.path.exists(tflite.labels_path_for(p))
 
 
 def test_parity_with_the_savedmodel(converted):
@@ -98,3 +100,74 @@ def test_runner_rejects_wrong_window(converted):
 def test_errors(tmp_path):
   with pytest.raises(FileNotFoundError):
     tflite.convert(str(tmp_path / "none.keras"), str(tmp_path / "l.csv"), str(tmp_path))
+
+
+def test_conversion_verifies_every_variant(converted):
+  """convert runs each variant through the interpreter on the representative windows and
+  reports its max |diff| to the Keras model (before, its docstring said so and nothing
+  ran). Thresholds as in test_parity_with_the_savedmodel."""
+  _, paths = converted
+  checks = paths.verification
+  assert sorted(checks) == ["float16", "float32", "int8"]
+  for variant, limit in (("float32", 1e-4), ("float16", 2e-2), ("int8", 0.15)):
+    check = checks[variant]
+    assert check["windows"] == 12 and check["tolerance"] == tflite.TOLERANCES[variant]
+    assert 0 <= check["max_abs_diff"] <= limit, (variant, check)
+    assert check["mean_abs_diff"] <= check["max_abs_diff"]
+  assert checks["float32"]["top1_agreement"] == 1.0
+  info = json.load(open(paths.info_path))
+  assert info["verification"] == checks
+  assert info["verified_against"].startswith("the Keras model's clip scores on 12 windows")
+
+
+def _tiny_model(tmp_path):
+  keras.utils.set_random_seed(0)
+  model = models.MILConvNet(num_classes=3, num_frames=128, width=0.0625)
+  path = str(tmp_path / "audio.keras")
+  model.save(path)
+  labels_path = str(tmp_path / "labels.csv")
+  labels.LabelMap(["/m/a", "/m/b", "/m/c"], ["A", "B", "C"]).to_csv(labels_path)
+  return path, labels_path
+
+
+def test_a_variant_that_disagrees_fails_the_conversion(tmp_path, monkeypatch):
+  """A converted model whose scores differ from the Keras model's (here: the interpreter's
+  output shifted by 0.5, or NaN) fails convert, naming the variant, and is not written.
+  Without data_dir the check runs on deterministic test signals."""
+  model_path, labels_path = _tiny_model(tmp_path)
+  good = tflite.convert(model_path, labels_path, str(tmp_path / "good"), variants=("float32",))
+  check = good.verification["float32"]
+  assert check["windows"] == tflite.TEST_SIGNAL_WINDOWS and check["max_abs_diff"] <= 1e-5
+  call = tflite.Runner.__call__
+  for name, damage, shown in (("shifted", lambda x: x + 0.5, "5.00e-01"),
+                              ("nan", lambda x: x * np.nan, "nan")):
+    monkeypatch.setattr(tflite.Runner, "__call__", lambda self, w, damage=damage: {
+        k: damage(v) if k == "clip_scores" else v for k, v in call(self, w).items()})
+    out = tmp_path / name
+    with pytest.raises(ValueError, match=rf"TFLite float32 model .*audio_tagger_float32.tflite "
+                       rf"differs from the Keras model by {shown} \(> 0.0001\)"):
+      tflite.convert(model_path, labels_path, str(out), variants=("float32",))
+    assert not (out / "audio_tagger_float32.tflite").exists()
+
+
+def test_labels_rule_and_runner_checks(converted, tmp_path):
+  assert tflite.labels_path_for("out/a_float32.tflite") == "out/a_float32.labels.csv"
+  for name in ("model.bin", "model.tflite.bak", ".tflite", "out/.tflite"):
+    with pytest.raises(ValueError, match="must end in .tflite"):
+      tflite.labels_path_for(name)
+  runner = tflite.Runner(converted[1]["float32"])
+  window = np.zeros(16000, np.float32)
+  window[5] = np.nan
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    runner(window)
+  fifo = str(tmp_path / "pipe.tflite")
+  os.mkfifo(fifo)
+  with pytest.raises(ValueError, match="not a regular file: a FIFO"):
+    tflite.Runner(fifo)
+  with pytest.raises(FileNotFoundError, match="TFLite model not found"):
+    tflite.Runner(str(tmp_path / "none.tflite"))
+  yamnet = os.path.join(os.path.dirname(shared_path("esc10")), "..", "models", "yamnet_tflite",
+                        "yamnet.tflite")
+  if os.path.exists(yamnet):  # a real TFLite model, but no signature: not our tagger
+    with pytest.raises(ValueError, match="not a TFLite tagger from bin/export"):
+      tflite.Runner(yamnet)
