@@ -33,6 +33,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from av_sound_tf import evaluation  # pylint: disable=g-import-not-at-top
 from av_sound_tf import files  # pylint: disable=g-import-not-at-top
+from av_sound_tf import model_files  # pylint: disable=g-import-not-at-top
 from av_sound_tf import models  # pylint: disable=g-import-not-at-top
 from av_sound_tf import training  # pylint: disable=g-import-not-at-top
 
@@ -173,7 +174,7 @@ def demo(out):
                std=0.0, groups=_group_ap(_class_ap(os.path.join(
                    out, "eval_demo_teacher_audio", "per_class.csv"), "average_precision"),
                                          carriers),
-               flops=models.count_flops(keras.models.load_model(audio_t)))]
+               flops=models.count_flops(model_files.load_keras_model(audio_t)))]
   if FLAGS.fusion == "attention" and os.path.exists(report_csv):
     fused = _class_ap(report_csv, "AP Attention fusion (multimodal)")
     rows.append(dict(name="teacher: audiovisual (attention fusion; audio + visual input)",
@@ -191,7 +192,7 @@ def demo(out):
     rows.append(dict(name=name, mAP=float(np.mean(maps)), std=float(np.std(maps)),
                      runs=maps, groups={k: float(np.mean([g[k] for g in groups]))
                                         for k in groups[0]},
-                     flops=models.count_flops(keras.models.load_model(path))))
+                     flops=models.count_flops(model_files.load_keras_model(path))))
   lines = [f"Demo eval split (150 clips); students: mean (std) over seeds {FLAGS.seeds}. "
            "AP per class group: classes told apart by sound (audio), mainly by sight "
            "(visual), by both.", "",

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 
 from av_sound_tf import labels
+from av_sound_tf import model_files
 from av_sound_tf import models
 from av_sound_tf import tflite
 
@@ -47,7 +48,7 @@ def main(argv):
       model_path = os.path.join(tmp, "full.keras")
       models.AUDIO_ARCHITECTURES[FLAGS.architecture](
           num_classes=527, num_frames=1024, width=FLAGS.width).save(model_path)
-    model = keras.models.load_model(model_path)
+    model = model_files.load_keras_model(model_path)
     labels_path = os.path.join(tmp, "labels.csv")
     labels.LabelMap([f"/m/{i}" for i in range(model.num_classes)],
                     [str(i) for i in range(model.num_classes)]).to_csv(labels_path)
@@ -61,6 +62,11 @@ def main(argv):
     print(f"model: {name} ({cost['parameters'] / 1e6:.2f} M parameters, "
           f"{cost['flops'] / 1e9:.3f} GFLOP per 10 s by models.count_flops); window "
           f"{FLAGS.window_seconds} s; {os.cpu_count()} CPUs")
+    print("Parity with the Keras model (tflite.convert's own check, on "
+          f"{next(iter(paths.verification.values()))['windows']} windows):")
+    for variant, v in paths.verification.items():
+      print(f"  {variant:<8} max |diff| {v['max_abs_diff']:.2e}  mean |diff| "
+            f"{v['mean_abs_diff']:.2e}  top-1 agreement {100 * v['top1_agreement']:.1f} %")
     print("variant   size MB   ms/window (1 thread)   ms/window (2 threads)   real-time factor")
     window = np.random.default_rng(0).uniform(-0.3, 0.3, [1, int(FLAGS.window_seconds * 16000)])
     for variant, path in paths.items():
