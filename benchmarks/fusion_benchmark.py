@@ -72,7 +72,7 @@ def main(argv):
       single = {k: v for k, v in one["summaries"].items() if k in ("Audio", "Visual")}
   print(f"machine: {os.cpu_count()} CPUs; {FLAGS.epochs} epochs, batch {FLAGS.batch_size}, "
         f"Adam {FLAGS.learning_rate}; work folder {out}")
-  print(f"| model | validation mAP | eval mAP | eval mAUC | seconds |")
+  print("| model | validation mAP | eval mAP | eval mAUC | seconds |")
   print("|---|---|---|---|---|")
   for name, s in single.items():
     print(f"| {name} model outputs | | {100 * s['mAP']:.2f} | {100 * s['mAUC']:.2f} | |")

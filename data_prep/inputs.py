@@ -158,8 +158,8 @@ def _safe_split(name):
 def list_media_files(media_dir) -> List[str]:
   """All media files under `media_dir` (recursive, sorted; non-media files ignored)."""
   found = []
-  for root, _, files in tf.io.gfile.walk(media_dir):
-    for f in files:
+  for root, _, names in tf.io.gfile.walk(media_dir):
+    for f in names:
       if media.media_kind(f):
         found.append(tf.io.gfile.join(root, f))
   return sorted(found)

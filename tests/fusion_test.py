@@ -1,7 +1,6 @@
 """Fusion models, the attention layer, training statistics, missing modalities, the
 synthetic truth test and the report."""
 
-import json
 import os
 
 import keras
@@ -11,48 +10,17 @@ import tensorflow as tf
 
 from av_sound_tf import fusion
 from av_sound_tf import fusion_training
-from av_sound_tf import labels
 from av_sound_tf import predict
 from av_sound_tf import report
 from av_sound_tf import schema
+from data_prep import synthetic_predictions
 from tests import test_case
 from tests.conftest import run_binary
 
-C = 12
-AUDIO_ONLY, VISUAL_ONLY, BOTH = range(0, 4), range(4, 8), range(8, 12)
-
-
-def write_synthetic_predictions(out, sizes=(("train", 3000), ("validation", 600),
-                                            ("eval", 600)), missing=0.0, seed=0):
-  """Scores where the truth is known: classes 0-3 are audible only, 4-7 visible only, 8-11
-  both (weaker in each); per clip, each modality is degraded (near chance) 25 % of the time,
-  so the best weighting is class- and sample-specific."""
-  rng = np.random.default_rng(seed)
-  strength_a = np.array([3.0] * 4 + [0.0] * 4 + [1.6] * 4)
-  strength_v = np.array([0.0] * 4 + [3.0] * 4 + [1.6] * 4)
-  splits = {}
-  for split, n in sizes:
-    path = os.path.join(out, f"{split}.tfrecord")
-    with tf.io.TFRecordWriter(path) as w:
-      for i in range(n):
-        y = np.zeros(C)
-        y[rng.choice(C, size=rng.integers(1, 4), replace=False)] = 1
-        q_a = 0.15 if rng.random() < 0.25 else 1.0
-        q_v = 0.15 if rng.random() < 0.25 else 1.0
-        h_a = 1 / (1 + np.exp(-(rng.normal(size=C) + (2 * y - 1) * strength_a * q_a - 1)))
-        h_v = 1 / (1 + np.exp(-(rng.normal(size=C) + (2 * y - 1) * strength_v * q_v - 1)))
-        has_a = int(rng.random() >= missing)
-        has_v = int(rng.random() >= missing) if has_a else 1
-        w.write(schema.make_prediction_example(
-            f"{split}/{i}", np.flatnonzero(y), h_a * has_a, h_v * has_v, has_a,
-            has_v).SerializeToString())
-    splits[split] = {"file": f"{split}.tfrecord", "num_examples": n}
-  labels.LabelMap([f"/m/c{c}" for c in range(C)],
-                  [f"audible {c}" if c < 4 else f"visible {c}" if c < 8 else f"both {c}"
-                   for c in range(C)]).to_csv(os.path.join(out, schema.LABELS_FILE))
-  with open(os.path.join(out, schema.PREDICTIONS_INFO), "w") as f:
-    json.dump({"num_classes": C, "labels_file": schema.LABELS_FILE, "splits": splits}, f)
-  return out
+C = synthetic_predictions.NUM_CLASSES
+AUDIO_ONLY, VISUAL_ONLY, BOTH = (synthetic_predictions.AUDIO_ONLY,
+                                 synthetic_predictions.VISUAL_ONLY, synthetic_predictions.BOTH)
+write_synthetic_predictions = synthetic_predictions.write_synthetic_predictions
 
 
 @pytest.fixture(scope="module")

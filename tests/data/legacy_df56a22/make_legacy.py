@@ -1,9 +1,9 @@
 """Writes small artefacts with the code of commit df56a22 (before the issue-15 restructuring)."""
-import json, os, sys, wave
+import os, sys, wave
 import numpy as np
 import keras
-import tensorflow as tf
-from av_sound_tf import models, fusion, training, labels, export, tflite, schema
+
+from av_sound_tf import models, fusion, training, labels, export, tflite
 from data_prep import inputs, prepare
 
 out = sys.argv[1]
