@@ -89,7 +89,7 @@ def define_train_flags(flags, kind, batch_size, epochs, architecture="mil_convne
   flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into this many logical devices "
                        "(multi-replica training without GPUs, for testing).", lower_bound=0)
   flags.DEFINE_bool("balance", False, "Class-balanced per-example loss weights "
-                    "sum_c y_c / count_c (see av_sound_tf/pipeline.py).")
+                    "sum_c y_c / count_c (see av_sound_tf/train/pipeline.py).")
   flags.DEFINE_enum("model_selection", "best", ["best", "last"], "best: keep the epoch with "
                     "the highest validation mAP; last: keep the final weights (use it when "
                     "the validation split is also the test split).")
@@ -136,7 +136,7 @@ def define_train_flags(flags, kind, batch_size, epochs, architecture="mil_convne
 
 def train_config_from_flags(flags_values, kind):
   """TrainConfig from parsed flag values (the binaries pass FLAGS in)."""
-  from av_sound_tf import training  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.train import training  # pylint: disable=g-import-not-at-top
   f = flags_values
   if not f.model_dir:
     raise UsageError("--model_dir is required.")

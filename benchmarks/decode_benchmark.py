@@ -26,7 +26,7 @@ import av
 import numpy as np
 import soxr
 
-from av_sound_tf import media
+from av_sound_tf.core import media
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("clips", 40, "ESC-10 clips to decode.")

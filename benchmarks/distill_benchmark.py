@@ -30,11 +30,11 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from av_sound_tf import evaluation  # pylint: disable=g-import-not-at-top
-from av_sound_tf import files  # pylint: disable=g-import-not-at-top
-from av_sound_tf import model_files  # pylint: disable=g-import-not-at-top
-from av_sound_tf import models  # pylint: disable=g-import-not-at-top
-from av_sound_tf import training  # pylint: disable=g-import-not-at-top
+from av_sound_tf.evaluate import evaluation  # pylint: disable=g-import-not-at-top
+from av_sound_tf.core import files  # pylint: disable=g-import-not-at-top
+from av_sound_tf.core import model_files  # pylint: disable=g-import-not-at-top
+from av_sound_tf.modeling import models  # pylint: disable=g-import-not-at-top
+from av_sound_tf.train import training  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_string("demo_dir", "", "Output folder of make demo (prepared/, audio/, visual/, "
                     "fusion/).")
@@ -76,7 +76,7 @@ def _eval(model_path, data_dir, split, out):
 
 def _pooled_data(out):
   """The demo's labeled clips plus an unlabeled pool, prepared together."""
-  from av_sound_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import labels as labels_lib  # pylint: disable=g-import-not-at-top
   from data_prep import inputs, prepare, synthetic_av  # pylint: disable=g-import-not-at-top
   data = os.path.join(out, "pooled_prepared")
   if os.path.exists(os.path.join(data, "dataset_info.json")):
@@ -215,8 +215,9 @@ def demo(out):
 def missing_labels_demo(out):
   """Teachers (audio, visual, attention fusion) and students trained on labels with
   missing positives; evaluated on the clean eval split."""
-  from av_sound_tf import fusion_training, predict  # pylint: disable=g-import-not-at-top
-  from av_sound_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.evaluate import predict  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.train import fusion_training  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import labels as labels_lib  # pylint: disable=g-import-not-at-top
   from data_prep import inputs, prepare  # pylint: disable=g-import-not-at-top
   p = FLAGS.missing_labels
   root = os.path.join(out, f"missing{int(round(100 * p))}")

@@ -21,7 +21,7 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import features
+from av_sound_tf.core import features
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 200, "Calls per measurement (the median is printed).")

@@ -23,8 +23,8 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from av_sound_tf import fusion_training
-from av_sound_tf import report
+from av_sound_tf.train import fusion_training
+from av_sound_tf.evaluate import report
 from data_prep import synthetic_predictions
 
 FLAGS = flags.FLAGS

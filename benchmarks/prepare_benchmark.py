@@ -32,9 +32,9 @@ from absl import logging
 import av
 import numpy as np
 
-from av_sound_tf import features
-from av_sound_tf import media
-from av_sound_tf import schema
+from av_sound_tf.core import features
+from av_sound_tf.core import media
+from av_sound_tf.core import schema
 from data_prep import inputs
 from data_prep import prepare
 

@@ -18,10 +18,10 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from av_sound_tf import embedders  # pylint: disable=g-import-not-at-top
-from av_sound_tf import features  # pylint: disable=g-import-not-at-top
-from av_sound_tf import media  # pylint: disable=g-import-not-at-top
-from av_sound_tf import schema  # pylint: disable=g-import-not-at-top
+from av_sound_tf.core import embedders  # pylint: disable=g-import-not-at-top
+from av_sound_tf.core import features  # pylint: disable=g-import-not-at-top
+from av_sound_tf.core import media  # pylint: disable=g-import-not-at-top
+from av_sound_tf.core import schema  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_string("video_dir", os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "..", "shared", "data", "video"), "Real videos.")

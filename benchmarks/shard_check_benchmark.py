@@ -23,8 +23,8 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from av_sound_tf import files  # pylint: disable=g-import-not-at-top
-from av_sound_tf import schema  # pylint: disable=g-import-not-at-top
+from av_sound_tf.core import files  # pylint: disable=g-import-not-at-top
+from av_sound_tf.core import schema  # pylint: disable=g-import-not-at-top
 from data_prep import prepare  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_float("gigabytes", 1.0, "Size of the test shard.")

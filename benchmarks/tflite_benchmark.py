@@ -22,10 +22,10 @@ from absl import flags
 import keras
 import numpy as np
 
-from av_sound_tf import labels
-from av_sound_tf import model_files
-from av_sound_tf import models
-from av_sound_tf import tflite
+from av_sound_tf.core import labels
+from av_sound_tf.core import model_files
+from av_sound_tf.modeling import models
+from av_sound_tf.serving import tflite
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("audio_model", None, "A .keras audio model; default: full-size, random.")

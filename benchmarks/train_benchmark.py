@@ -22,9 +22,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import models
-from av_sound_tf import pipeline
-from av_sound_tf import schema
+from av_sound_tf.modeling import models
+from av_sound_tf.train import pipeline
+from av_sound_tf.core import schema
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 20, "Timed training steps.")

@@ -20,9 +20,9 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-from av_sound_tf import files
-from av_sound_tf import labels as labels_lib
-from av_sound_tf import media
+from av_sound_tf.core import files
+from av_sound_tf.core import labels as labels_lib
+from av_sound_tf.core import media
 
 
 @dataclasses.dataclass

@@ -36,10 +36,10 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import features
-from av_sound_tf import files
-from av_sound_tf import media
-from av_sound_tf import schema
+from av_sound_tf.core import features
+from av_sound_tf.core import files
+from av_sound_tf.core import media
+from av_sound_tf.core import schema
 from data_prep import inputs as inputs_lib
 
 MANIFEST = "manifest.csv"
@@ -122,7 +122,7 @@ class ClipProcessor:
   @property
   def embedder(self):
     if self._embedder is None:  # built lazily: loading ResNet-152 takes seconds
-      from av_sound_tf import embedders
+      from av_sound_tf.core import embedders
       self._embedder = embedders.build_embedder(
           self.config.embedder, self.config.embedder_weights, self.config.image_size)
     return self._embedder

@@ -14,8 +14,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import labels
-from av_sound_tf import schema
+from av_sound_tf.core import labels
+from av_sound_tf.core import schema
 
 NUM_CLASSES = 12
 AUDIO_ONLY, VISUAL_ONLY, BOTH = range(0, 4), range(4, 8), range(8, 12)

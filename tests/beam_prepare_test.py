@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from av_sound_tf import schema
+from av_sound_tf.core import schema
 from data_prep import inputs
 from data_prep import prepare
 from tests.conftest import run_binary, shared_path

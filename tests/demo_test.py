@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from data_prep import demo
+from av_sound_tf.jobs import demo
 from data_prep import synthetic_av
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf import fusion
-from av_sound_tf import models
-from av_sound_tf import training
+from av_sound_tf.modeling import fusion
+from av_sound_tf.modeling import models
+from av_sound_tf.train import training
 from tests import synthetic
 from tests.conftest import run_binary, shared_path
 from tests.test_case import run_fit_test, run_model_saving_test, run_serialization_test
@@ -223,7 +223,8 @@ def test_binary_errors(av_system, tmp_path):
 
 def test_unlabeled_clips_are_prepared_and_masked(tmp_path):
   from data_prep import inputs, prepare  # pylint: disable=g-import-not-at-top
-  from av_sound_tf import pipeline, schema  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import schema  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.train import pipeline  # pylint: disable=g-import-not-at-top
   clip = shared_path("esc10", "001 - Dog bark", "1-100032-A.ogg")
   rain = shared_path("esc10", "002 - Rain", "1-17367-A.ogg")
   (tmp_path / "list.csv").write_text(f"path,labels\n{clip},Dog\n{rain},\n")

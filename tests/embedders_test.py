@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf import embedders
+from av_sound_tf.core import embedders
 
 
 def _frames(n=5, size=64, seed=0):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from data_prep import esc10
+from av_sound_tf.jobs import esc10
 
 
 def test_settings_are_checked_before_any_work(tmp_path):

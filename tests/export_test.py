@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf import export
-from av_sound_tf import features
-from av_sound_tf import fusion
-from av_sound_tf import labels
-from av_sound_tf import media
-from av_sound_tf import models
+from av_sound_tf.serving import export
+from av_sound_tf.core import features
+from av_sound_tf.modeling import fusion
+from av_sound_tf.core import labels
+from av_sound_tf.core import media
+from av_sound_tf.modeling import models
 from tests.conftest import run_binary, shared_path
 
 C = 3

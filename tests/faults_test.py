@@ -4,6 +4,7 @@ Each test pins one row of docs/reliability.md: the input or fault, and what the 
 must do with it (a clear answer naming the file, nothing silently lost).
 """
 
+import glob
 import os
 import shutil
 import signal
@@ -18,10 +19,10 @@ import pytest
 import soundfile
 import tensorflow as tf
 
-from av_sound_tf import features
-from av_sound_tf import labels
-from av_sound_tf import schema
-from av_sound_tf import training
+from av_sound_tf.core import features
+from av_sound_tf.core import labels
+from av_sound_tf.core import schema
+from av_sound_tf.train import training
 from data_prep import inputs
 from data_prep import prepare
 from tests import synthetic
@@ -259,7 +260,7 @@ def test_damaged_shard_is_named_and_can_be_skipped(prepared, tmp_path, how):
   assert [s["file"] for s in summary["skipped_shards"]] == [bad]
   assert "corrupted or truncated" in summary["skipped_shards"][0]["reason"]
   # Evaluation never runs on part of a split.
-  from av_sound_tf import evaluation  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.evaluate import evaluation  # pylint: disable=g-import-not-at-top
   with pytest.raises(schema.CorruptShardError, match="train-00001"):
     evaluation.evaluate_model(summary["model"], prepared, ["train"], str(tmp_path / "eval"))
 
@@ -403,11 +404,11 @@ def test_models_with_code_are_refused(tmp_path):
   keras.Model(inputs_, outputs).save(path)
   refusal = (f"{path}: refused to load: the model contains Python code (a Lambda layer), "
              "which Keras safe mode does not run. Load only models you trust")
-  from av_sound_tf import evaluation  # pylint: disable=g-import-not-at-top
-  from av_sound_tf import export  # pylint: disable=g-import-not-at-top
-  from av_sound_tf import model_files  # pylint: disable=g-import-not-at-top
-  from av_sound_tf import predict  # pylint: disable=g-import-not-at-top
-  from av_sound_tf import tflite  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.evaluate import evaluation  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.serving import export  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import model_files  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.evaluate import predict  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.serving import tflite  # pylint: disable=g-import-not-at-top
   labels.LabelMap(["/m/a"], ["A"]).to_csv(str(tmp_path / "l.csv"))
   loaders = {
       "evaluation": lambda: evaluation.evaluate_model(path, str(tmp_path), ["x"],
@@ -429,8 +430,8 @@ def test_models_with_code_are_refused(tmp_path):
   assert res.returncode == 2 and "Traceback" not in res.stderr
   assert f"export: error: {refusal}" in res.stderr and "{arg_name}" not in res.stderr
   # No loader calls Keras directly (safe mode and the message live in one place).
-  package = os.path.join(REPO, "av_sound_tf")
-  direct = [name for name in sorted(os.listdir(package)) if name.endswith(".py") and
-            name != "model_files.py" and
-            "keras.models.load_model(" in open(os.path.join(package, name)).read()]
+  sources = glob.glob(os.path.join(REPO, "av_sound_tf", "**", "*.py"), recursive=True)
+  assert len(sources) > 20
+  direct = [path for path in sorted(sources) if not path.endswith("model_files.py") and
+            "keras.models.load_model(" in open(path).read()]
   assert direct == []

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf import features
-from av_sound_tf import media
+from av_sound_tf.core import features
+from av_sound_tf.core import media
 from tests.conftest import shared_path
 
 P = features.DEFAULT_PARAMS

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf import fusion
-from av_sound_tf import fusion_training
-from av_sound_tf import predict
-from av_sound_tf import report
-from av_sound_tf import schema
+from av_sound_tf.modeling import fusion
+from av_sound_tf.train import fusion_training
+from av_sound_tf.evaluate import predict
+from av_sound_tf.evaluate import report
+from av_sound_tf.core import schema
 from data_prep import synthetic_predictions
 from tests import test_case
 from tests.conftest import run_binary
@@ -187,7 +187,7 @@ def test_attention_beats_average_and_alpha_follows_the_truth(predictions, tmp_pa
                                           verbose=0)
     results[kind] = fusion_training.train_fusion(config)
   eval_path = predict.prediction_file(predictions, "eval")
-  from av_sound_tf import metrics
+  from av_sound_tf.core import metrics
   maps = {}
   for kind in results:
     model = keras.models.load_model(results[kind]["model"])
@@ -219,7 +219,7 @@ def test_attention_beats_average_and_alpha_follows_the_truth(predictions, tmp_pa
 
 def test_binaries(tmp_path):
   """bin/predict -> bin/train_fusion -> bin/report on tiny trained models."""
-  from av_sound_tf import training
+  from av_sound_tf.train import training
   from tests import synthetic
   data = str(tmp_path / "data")
   synthetic.write_prepared(data, splits=(("train", 24), ("validation", 12), ("eval", 12)),

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from av_sound_tf import labels
+from av_sound_tf.core import labels
 from tests.conftest import shared_path
 
 

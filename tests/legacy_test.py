@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf import export
-from av_sound_tf import fusion  # pylint: disable=unused-import  (registers fusion layers)
-from av_sound_tf import labels
-from av_sound_tf import model_files
-from av_sound_tf import schema
-from av_sound_tf import tflite
-from av_sound_tf import training  # pylint: disable=unused-import  (registers ReplicaMeanAdam)
+from av_sound_tf.serving import export
+from av_sound_tf.modeling import fusion  # pylint: disable=unused-import  (registers fusion layers)
+from av_sound_tf.core import labels
+from av_sound_tf.core import model_files
+from av_sound_tf.core import schema
+from av_sound_tf.serving import tflite
+from av_sound_tf.train import training  # pylint: disable=unused-import  (registers ReplicaMeanAdam)
 
 LEGACY = os.path.join(os.path.dirname(__file__), "data", "legacy_df56a22")
 

@@ -7,7 +7,7 @@ import librosa
 import numpy as np
 import pytest
 
-from av_sound_tf import media
+from av_sound_tf.core import media
 from tests.conftest import shared_path
 
 VIDEOS = ["moviepy_big_buck_bunny_0_30.webm", "moviepy_chaplin.mp4", "moviepy_fire2.mp4",

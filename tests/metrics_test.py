@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from av_sound_tf import metrics
+from av_sound_tf.core import metrics
 
 
 def _data(n=300, c=6, seed=0):

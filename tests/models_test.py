@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from av_sound_tf import features
-from av_sound_tf import models
+from av_sound_tf.core import features
+from av_sound_tf.modeling import models
 from tests import test_case
 
 

@@ -25,7 +25,7 @@ from tests.conftest import REPO
 SCRIPT = textwrap.dedent("""
     import json, sys
     from absl import logging
-    from av_sound_tf import training
+    from av_sound_tf.train import training
     logging.set_verbosity(logging.INFO)
     config = training.TrainConfig(
         kind="visual", model_dir=sys.argv[1], data_dir=sys.argv[2], width=0.02, dropout=0.0,

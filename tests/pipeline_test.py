@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf import pipeline
-from av_sound_tf import schema
+from av_sound_tf.train import pipeline
+from av_sound_tf.core import schema
 from tests import synthetic
 from tests.schema_test import _audioset_example
 

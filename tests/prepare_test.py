@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf import labels
-from av_sound_tf import schema
+from av_sound_tf.core import labels
+from av_sound_tf.core import schema
 from data_prep import inputs
 from data_prep import prepare
 from tests.conftest import run_binary, shared_path

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf import schema
+from av_sound_tf.core import schema
 
 
 def _write(path, examples):

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import labels
-from av_sound_tf import schema
+from av_sound_tf.core import labels
+from av_sound_tf.core import schema
 
 
 def write_prepared(out_dir, splits=(("train", 48), ("validation", 24)), num_classes=4,

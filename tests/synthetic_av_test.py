@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from av_sound_tf import embedders
-from av_sound_tf import labels
-from av_sound_tf import media
+from av_sound_tf.core import embedders
+from av_sound_tf.core import labels
+from av_sound_tf.core import media
 from data_prep import synthetic_av
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf import export
-from av_sound_tf import labels
-from av_sound_tf import models
-from av_sound_tf import tagging
-from av_sound_tf import tflite
+from av_sound_tf.serving import export
+from av_sound_tf.core import labels
+from av_sound_tf.modeling import models
+from av_sound_tf.serving import tagging
+from av_sound_tf.serving import tflite
 from tests.conftest import REPO, run_binary, shared_path
 
 
@@ -137,8 +137,8 @@ def test_grpc_predict_request(exported):
 def test_audiovisual_tagging_of_videos(exported, tmp_path):
   """With tag_audiovisual and a frame embedder, videos are fused and each top class says
   which modality dominated; audio-only files are tagged from audio."""
-  from av_sound_tf import embedders
-  from av_sound_tf import fusion
+  from av_sound_tf.core import embedders
+  from av_sound_tf.modeling import fusion
   _, _, tmp = exported
   keras.utils.set_random_seed(2)
   visual = models.VisualDNN(num_classes=3, embedding_dim=32, width=0.01)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf import export
-from av_sound_tf import labels
-from av_sound_tf import media
-from av_sound_tf import models
-from av_sound_tf import tflite
+from av_sound_tf.serving import export
+from av_sound_tf.core import labels
+from av_sound_tf.core import media
+from av_sound_tf.modeling import models
+from av_sound_tf.serving import tflite
 from data_prep import inputs
 from data_prep import prepare
 from tests.conftest import shared_path

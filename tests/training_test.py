@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from av_sound_tf import training
+from av_sound_tf.train import training
 from tests import synthetic
 from tests.conftest import REPO, run_binary
 
@@ -32,7 +32,7 @@ def test_two_replica_mirrored_training_equals_one_replica(prepared, tmp_path):
   script = textwrap.dedent("""
       import json, sys
       import keras, numpy as np
-      from av_sound_tf import training
+      from av_sound_tf.train import training
       training.configure_cpu_replicas(2)
       results = {}
       for strategy in ("mirrored", "default"):
@@ -157,7 +157,8 @@ def test_audio_training_outputs_and_secost(prepared, tmp_path):
   selected stage-0 model: its loss on a batch equals binary cross-entropy against that
   target, computed here from the saved stage-0 model."""
   import tensorflow as tf
-  from av_sound_tf import metrics, pipeline
+  from av_sound_tf.core import metrics
+  from av_sound_tf.train import pipeline
   model_dir = str(tmp_path / "audio")
   rng = np.random.default_rng(0)
   x = rng.normal(-8, 1, [8, 128, 64]).astype(np.float32)

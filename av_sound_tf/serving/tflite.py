@@ -44,12 +44,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import export
-from av_sound_tf import features
-from av_sound_tf import files
-from av_sound_tf import media
-from av_sound_tf import model_files
-from av_sound_tf import schema
+from av_sound_tf.serving import export
+from av_sound_tf.core import features
+from av_sound_tf.core import files
+from av_sound_tf.core import media
+from av_sound_tf.core import model_files
+from av_sound_tf.core import schema
 
 VARIANTS = ("float32", "float16", "int8")
 FRONT_END = "front_end"  # layer name; its ops stay float32 in the int8 model

@@ -12,11 +12,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import files
-from av_sound_tf import fusion
-from av_sound_tf import metrics as metrics_lib
-from av_sound_tf import predict
-from av_sound_tf import training
+from av_sound_tf.core import files
+from av_sound_tf.modeling import fusion
+from av_sound_tf.core import metrics as metrics_lib
+from av_sound_tf.evaluate import predict
+from av_sound_tf.train import training
 
 
 @dataclasses.dataclass

@@ -11,10 +11,10 @@ import json
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import files
-from av_sound_tf import model_files
-from av_sound_tf import pipeline
-from av_sound_tf import schema
+from av_sound_tf.core import files
+from av_sound_tf.core import model_files
+from av_sound_tf.train import pipeline
+from av_sound_tf.core import schema
 
 
 def write_predictions(audio_model_path, visual_model_path, data_dir, splits, output_dir,

@@ -11,7 +11,7 @@ import json
 import os
 import time
 
-from av_sound_tf import training
+from av_sound_tf.train import training
 from data_prep import inputs
 from data_prep import prepare
 

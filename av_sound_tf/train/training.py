@@ -40,13 +40,13 @@ from keras import ops
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import files
-from av_sound_tf import labels as labels_lib
-from av_sound_tf import metrics as metrics_lib
-from av_sound_tf import model_files
-from av_sound_tf import models
-from av_sound_tf import pipeline
-from av_sound_tf import schema
+from av_sound_tf.core import files
+from av_sound_tf.core import labels as labels_lib
+from av_sound_tf.core import metrics as metrics_lib
+from av_sound_tf.core import model_files
+from av_sound_tf.modeling import models
+from av_sound_tf.train import pipeline
+from av_sound_tf.core import schema
 
 STRATEGIES = ("mirrored", "multi_worker_mirrored", "one_device", "default")
 
@@ -385,7 +385,7 @@ def distillation_teacher(config: TrainConfig, data: _Data) -> Optional[keras.Mod
       "visual_present": present(inputs["has_video"])}
   if not config.distill_gate:
     return keras.Model(inputs, fusion_model(fusion_inputs), name="audiovisual_teacher")
-  from av_sound_tf import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.modeling import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
   out = fusion_lib.with_attention_weights(fusion_model)(fusion_inputs)
   alpha = out["attention_weights"]
   gated = alpha * out["fused_scores"] + (1.0 - alpha) * h_audio

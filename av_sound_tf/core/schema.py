@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import files
+from av_sound_tf.core import files
 
 SCHEMA_VERSION = 1
 DATASET_INFO = "dataset_info.json"

@@ -103,14 +103,14 @@ def truth_check(out_dir, report_result, ground_truth):
 
 def run_demo(out_dir, log=print) -> dict:
   """Runs (or resumes) every stage; returns {"report": path, "table": str, ...}."""
-  from av_sound_tf import embedders  # pylint: disable=g-import-not-at-top
-  from av_sound_tf import export
-  from av_sound_tf import fusion_training
-  from av_sound_tf import predict
-  from av_sound_tf import report
-  from av_sound_tf import tagging
-  from av_sound_tf import tflite
-  from av_sound_tf import training
+  from av_sound_tf.core import embedders  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.serving import export
+  from av_sound_tf.train import fusion_training
+  from av_sound_tf.evaluate import predict
+  from av_sound_tf.evaluate import report
+  from av_sound_tf.serving import tagging
+  from av_sound_tf.serving import tflite
+  from av_sound_tf.train import training
   from data_prep import inputs
   from data_prep import prepare
   from data_prep import synthetic_av
@@ -124,7 +124,7 @@ def run_demo(out_dir, log=print) -> dict:
            "class_labels": p("data", "class_labels_indices.csv")}
 
   def prepare_stage():
-    from av_sound_tf import labels as labels_lib
+    from av_sound_tf.core import labels as labels_lib
     found = inputs.from_file_list(paths["labels"],
                                   labels_lib.LabelMap.from_csv(paths["class_labels"]),
                                   split_column="split")

@@ -44,8 +44,8 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import features as features_lib
-from av_sound_tf import schema
+from av_sound_tf.core import features as features_lib
+from av_sound_tf.core import schema
 
 KINDS = ("audio", "visual", "embedding", "audiovisual")
 EVAL_CROPS = ("start", "center")

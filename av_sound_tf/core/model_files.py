@@ -17,7 +17,7 @@ import zipfile
 import keras
 import tensorflow as tf
 
-from av_sound_tf import files
+from av_sound_tf.core import files
 
 
 class UnsafeModelError(ValueError):

@@ -28,7 +28,7 @@ import numpy as np
 import soxr
 import tensorflow as tf
 
-from av_sound_tf import files
+from av_sound_tf.core import files
 
 SAMPLE_RATE = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".m4a", ".aac", ".opus", ".wma",

@@ -38,9 +38,9 @@ from typing import List, Optional
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import files
-from av_sound_tf import media
-from av_sound_tf import models
+from av_sound_tf.core import files
+from av_sound_tf.core import media
+from av_sound_tf.modeling import models
 
 SEGMENT_HOP_SECONDS = models.FRAMES_PER_SEGMENT / 100.0  # 0.32 s between MIL segments
 SEGMENT_SPAN_SECONDS = 0.96  # receptive field of one segment
@@ -107,8 +107,8 @@ class Tagger:
     self.top_k = top_k
     self.embedder = embedder
     if tflite:
-      from av_sound_tf import labels as labels_lib  # pylint: disable=g-import-not-at-top
-      from av_sound_tf import tflite as tflite_lib  # pylint: disable=g-import-not-at-top
+      from av_sound_tf.core import labels as labels_lib  # pylint: disable=g-import-not-at-top
+      from av_sound_tf.serving import tflite as tflite_lib  # pylint: disable=g-import-not-at-top
       labels_path = tflite_lib.labels_path_for(model_path)  # refuses a name without .tflite
       self.runner = tflite_lib.Runner(model_path, threads)  # checks the bytes first
       if not tf.io.gfile.exists(labels_path):

@@ -35,10 +35,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import features
-from av_sound_tf import files
-from av_sound_tf import model_files
-from av_sound_tf import models
+from av_sound_tf.core import features
+from av_sound_tf.core import files
+from av_sound_tf.core import model_files
+from av_sound_tf.modeling import models
 
 DEFAULT_MAX_SECONDS = 600.0
 _WAVEFORM_LAYOUT = "[batch, samples] of 16 kHz mono audio; one clip is [1, samples]"
@@ -173,7 +173,7 @@ class AudioTagger:
     inputs = {"h_audio": audio, "h_visual": visual, "audio_present": ones,
               "visual_present": ones}
     if self.fusion.fusion == "attention":
-      from av_sound_tf import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
+      from av_sound_tf.modeling import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
       out = fusion_lib.with_attention_weights(self.fusion)(inputs, training=False)
       fused, alpha = out["fused_scores"], out["attention_weights"]
     else:

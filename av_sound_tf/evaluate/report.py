@@ -20,13 +20,13 @@ The "main" fusion model is the multimodal attention model when present, else the
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf import files
-from av_sound_tf import fusion_training
-from av_sound_tf import labels as labels_lib
-from av_sound_tf import metrics as metrics_lib
-from av_sound_tf import model_files
-from av_sound_tf import predict
-from av_sound_tf import schema
+from av_sound_tf.core import files
+from av_sound_tf.train import fusion_training
+from av_sound_tf.core import labels as labels_lib
+from av_sound_tf.core import metrics as metrics_lib
+from av_sound_tf.core import model_files
+from av_sound_tf.evaluate import predict
+from av_sound_tf.core import schema
 
 
 def _plt():

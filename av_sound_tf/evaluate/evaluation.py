@@ -2,12 +2,12 @@
 
 import tensorflow as tf
 
-from av_sound_tf import files
-from av_sound_tf import labels as labels_lib
-from av_sound_tf import metrics as metrics_lib
-from av_sound_tf import model_files
-from av_sound_tf import pipeline
-from av_sound_tf import schema
+from av_sound_tf.core import files
+from av_sound_tf.core import labels as labels_lib
+from av_sound_tf.core import metrics as metrics_lib
+from av_sound_tf.core import model_files
+from av_sound_tf.train import pipeline
+from av_sound_tf.core import schema
 
 
 def model_kind(model) -> str:
