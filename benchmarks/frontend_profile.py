@@ -44,7 +44,7 @@ def main(argv):
   import librosa  # pylint: disable=g-import-not-at-top
   import scipy.fft  # pylint: disable=g-import-not-at-top
   p = features.DEFAULT_PARAMS
-  y = np.random.default_rng(0).uniform(-0.5, 0.5, [1, 160000]).astype(np.float32)
+  y = np.random.default_rng(0).uniform(-0.5, 0.5, [1, 10 * p.sample_rate]).astype(np.float32)
   n_frames = p.num_frames(y.shape[1])
   compile_ = lambda f: tf.function(f, jit_compile=True)
 

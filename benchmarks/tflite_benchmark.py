@@ -10,11 +10,9 @@ calibration audio (prepared shards whose source files exist). Not a test.
 """
 
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app  # pylint: disable=g-import-not-at-top
@@ -22,6 +20,7 @@ from absl import flags
 import keras
 import numpy as np
 
+from av_sound_tf.core import constants
 from av_sound_tf.core import labels
 from av_sound_tf.core import model_files
 from av_sound_tf.modeling import models
@@ -29,7 +28,7 @@ from av_sound_tf.serving import tflite
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("audio_model", None, "A .keras audio model; default: full-size, random.")
-flags.DEFINE_enum("architecture", "mil_convnet", ["mil_convnet", "mobile_mil"],
+flags.DEFINE_enum("architecture", "mil_convnet", list(models.AUDIO_ARCHITECTURES),
                   "Without --audio_model: the random full-size (width 1, 527 classes) model "
                   "of this architecture (mobile_mil: the on-device student).")
 flags.DEFINE_float("width", 1.0, "Without --audio_model: width multiplier of the random model.")
@@ -52,7 +51,8 @@ def main(argv):
     labels_path = os.path.join(tmp, "labels.csv")
     labels.LabelMap([f"/m/{i}" for i in range(model.num_classes)],
                     [str(i) for i in range(model.num_classes)]).to_csv(labels_path)
-    variants = ("float32", "float16", "int8") if FLAGS.data_dir else ("float32", "float16")
+    # int8 needs calibration audio.
+    variants = [v for v in tflite.VARIANTS if FLAGS.data_dir or v != "int8"]
     paths = tflite.convert(model_path, labels_path, os.path.join(tmp, "out"), variants,
                            FLAGS.window_seconds, FLAGS.data_dir, FLAGS.split,
                            calibration_windows=32)
@@ -68,7 +68,8 @@ def main(argv):
       print(f"  {variant:<8} max |diff| {v['max_abs_diff']:.2e}  mean |diff| "
             f"{v['mean_abs_diff']:.2e}  top-1 agreement {100 * v['top1_agreement']:.1f} %")
     print("variant   size MB   ms/window (1 thread)   ms/window (2 threads)   real-time factor")
-    window = np.random.default_rng(0).uniform(-0.3, 0.3, [1, int(FLAGS.window_seconds * 16000)])
+    samples = int(FLAGS.window_seconds * constants.SAMPLE_RATE)
+    window = np.random.default_rng(0).uniform(-0.3, 0.3, [1, samples])
     for variant, path in paths.items():
       ms = {}
       for threads in (1, 2):

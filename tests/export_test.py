@@ -218,4 +218,5 @@ def test_binary(exported, tmp_path):
   assert info["verification"]["float32"]["max_abs_diff"] <= 1e-4
   res = run_binary("export", f"--audio_model={tmp_path}/missing.keras",
                    f"--labels={paths['labels']}", f"--export_base={tmp_path}", timeout=600)
-  assert res.returncode == 2 and "Not found" in res.stderr and "Traceback" not in res.stderr
+  assert res.returncode == 2 and "Traceback" not in res.stderr
+  assert "Audio model not found" in res.stderr

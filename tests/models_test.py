@@ -103,8 +103,6 @@ def test_bad_arguments():
     models.MILConvNet(num_mel_bins=40)
   with pytest.raises(ValueError, match="Unknown MIL aggregation"):
     models.MILAggregation("median")
-  with pytest.raises(ValueError, match="Unknown model kind"):
-    models.build_model("video", 3)
 
 
 def test_mixed_bfloat16_keeps_float32_scores(tmp_path):

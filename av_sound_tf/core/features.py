@@ -32,14 +32,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf.core import constants
+
 
 @dataclasses.dataclass(frozen=True)
 class LogMelParams:
   """Front-end parameters. The defaults are the paper's (see the module docstring)."""
 
-  sample_rate: int = 16000
+  sample_rate: int = constants.SAMPLE_RATE
   window_length: int = 256  # 16 ms
-  hop_length: int = 160  # 10 ms -> 100 frames per second
+  hop_length: int = constants.HOP_LENGTH  # 10 ms -> constants.FRAMES_PER_SECOND
   fft_length: int = 512
   num_mel_bins: int = 64
   fmin: float = 50.0
@@ -161,7 +163,7 @@ def log_mel_numpy(waveform: np.ndarray, params: LogMelParams = DEFAULT_PARAMS) -
   return compiled_log_mel_fn(params)(waveform[None, :])[0].numpy()
 
 
-@keras.saving.register_keras_serializable(package="av_sound_tf")
+@keras.saving.register_keras_serializable(package=constants.PACKAGE)
 class LogMel(keras.layers.Layer):
   """Keras layer: waveform [batch, samples] -> log-mel [batch, frames, num_mel_bins].
 
@@ -174,8 +176,11 @@ class LogMel(keras.layers.Layer):
     TensorShape([2, 99, 64])
   """
 
-  def __init__(self, sample_rate=16000, window_length=256, hop_length=160, fft_length=512,
-               num_mel_bins=64, fmin=50.0, fmax=8000.0, log_offset=1e-6, **kwargs):
+  def __init__(self, sample_rate=DEFAULT_PARAMS.sample_rate,
+               window_length=DEFAULT_PARAMS.window_length,
+               hop_length=DEFAULT_PARAMS.hop_length, fft_length=DEFAULT_PARAMS.fft_length,
+               num_mel_bins=DEFAULT_PARAMS.num_mel_bins, fmin=DEFAULT_PARAMS.fmin,
+               fmax=DEFAULT_PARAMS.fmax, log_offset=DEFAULT_PARAMS.log_offset, **kwargs):
     super().__init__(**kwargs)
     self.sample_rate = sample_rate
     self.window_length = window_length

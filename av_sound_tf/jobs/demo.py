@@ -103,13 +103,14 @@ def truth_check(out_dir, report_result, ground_truth):
 
 def run_demo(out_dir, log=print) -> dict:
   """Runs (or resumes) every stage; returns {"report": path, "table": str, ...}."""
-  from av_sound_tf.core import embedders  # pylint: disable=g-import-not-at-top
-  from av_sound_tf.serving import export
-  from av_sound_tf.train import fusion_training
+  from av_sound_tf.core import dataset_info  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import embedders
   from av_sound_tf.evaluate import predict
   from av_sound_tf.evaluate import report
+  from av_sound_tf.serving import export
   from av_sound_tf.serving import tagging
   from av_sound_tf.serving import tflite
+  from av_sound_tf.train import fusion_training
   from av_sound_tf.train import training
   from data_prep import inputs
   from data_prep import prepare
@@ -134,7 +135,7 @@ def run_demo(out_dir, log=print) -> dict:
                               overwrite=True, progress_every=10)
     log(summary.table())
 
-  stages.run("prepare TFRecords", p("prepared", "dataset_info.json"), prepare_stage)
+  stages.run("prepare TFRecords", dataset_info.DatasetInfo.path(p("prepared")), prepare_stage)
   common = dict(data_dir=p("prepared"), train_splits=("train",),
                 validation_splits=("validation",), batch_size=32, strategy="default",
                 verbose=2)
@@ -146,7 +147,7 @@ def run_demo(out_dir, log=print) -> dict:
              lambda: training.train(training.TrainConfig(
                  kind="visual", model_dir=p("visual"), width=0.25, epochs=30, **common),
                  overwrite=True))
-  stages.run("model outputs for fusion", p("preds", "predictions_info.json"),
+  stages.run("model outputs for fusion", dataset_info.PredictionsInfo.path(p("preds")),
              lambda: predict.write_predictions(p("audio", "model.keras"),
                                                p("visual", "model.keras"), p("prepared"),
                                                ["train", "validation", "eval"], p("preds"),

@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+from av_sound_tf.core import dataset_info
 from av_sound_tf.train import training
 from data_prep import inputs
 from data_prep import prepare
@@ -49,7 +50,7 @@ def run(esc10_dir, out_dir, folds=(1, 2, 3, 4, 5), log=print, **settings) -> dic
     with open(settings_path, "w") as f:
       json.dump(settings, f, indent=2)
   data = os.path.join(out_dir, "prepared")
-  if not os.path.exists(os.path.join(data, "dataset_info.json")):
+  if not dataset_info.DatasetInfo.exists(data):
     found = inputs.from_file_list(os.path.join(esc10_dir, "labels.csv"), label_column="class",
                                   split_column="fold")
     summary = prepare.prepare(found, prepare.PrepareConfig(output_dir=data),

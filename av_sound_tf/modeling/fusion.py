@@ -50,7 +50,8 @@ from keras import layers
 from keras import ops
 import numpy as np
 
-PACKAGE = "av_sound_tf"
+from av_sound_tf.core import constants
+
 FUSIONS = ("average", "regression", "mlp", "attention")
 TRANSFORMS = ("per_class", "dense", "hidden")
 VARIANTS = ("multimodal", "self_unimodal", "cross_unimodal", "no_transform", "no_output_net")
@@ -67,7 +68,7 @@ def _attention_net(num_classes, hidden, dropout, name):
   ], name=name)
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@keras.saving.register_keras_serializable(package=constants.PACKAGE)
 class PerClassAffine(keras.layers.Layer):
   """sigmoid(w_c * x_c + b_c) for each class c: a transform that keeps class identity."""
 
@@ -90,7 +91,7 @@ def _transform_net(num_classes, transform, hidden, name):
   return keras.Sequential(stack, name=name)
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@keras.saving.register_keras_serializable(package=constants.PACKAGE)
 class AttentionFusion(keras.layers.Layer):
   """Sample- and class-specific attention over the audio and visual scores (Eqs. 3-6).
 
@@ -186,7 +187,7 @@ def _standardizer(mean, variance, name):
                               name=name)
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@keras.saving.register_keras_serializable(package=constants.PACKAGE)
 class FusionModel(keras.Model):
   """A fusion model: `fusion` in `FUSIONS`, inputs `INPUTS`, output fused scores [C].
 

@@ -1,8 +1,8 @@
 """The audio MIL ConvNet (paper Table 1), the visual DNN (Sec. 3.2), the MIL head for
 AudioSet's released embeddings, and the MIL aggregation layer g().
 
-All are Keras functional models registered under the package ``"av_sound_tf"`` (never
-rename it: saved ``.keras`` files refer to it). Constructor arguments are the config.
+All are Keras functional models registered under `constants.PACKAGE` (``"av_sound_tf"``:
+never rename it, saved ``.keras`` files refer to it). Constructor arguments are the config.
 
 Audio model (Table 1 as a data table below): blocks B1-B4 are two 3x3 convolutions with
 batch norm and ReLU followed by max pooling (4x4, 2x2, 2x2, 2x2); B5 is 2048 3x2 filters
@@ -16,7 +16,7 @@ import keras
 from keras import layers
 from keras import ops
 
-PACKAGE = "av_sound_tf"
+from av_sound_tf.core import constants
 
 # Table 1: (block, filters, pool size); every block is conv3x3-BN-ReLU twice, then pooling.
 CONV_BLOCKS = (("b1", 64, 4), ("b2", 128, 2), ("b3", 256, 2), ("b4", 512, 2))
@@ -37,7 +37,7 @@ def _scaled(filters, width):
   return max(4, int(round(filters * width)))
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@keras.saving.register_keras_serializable(package=constants.PACKAGE)
 class MILAggregation(keras.layers.Layer):
   """g(): segment scores [batch, segments, C] -> clip scores [batch, C].
 
@@ -159,7 +159,7 @@ class _AudioMIL(_ConfigModel):
     self.aggregation = aggregation
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@keras.saving.register_keras_serializable(package=constants.PACKAGE)
 class MILConvNet(_AudioMIL):
   """The audio multiple-instance ConvNet of Table 1.
 
@@ -199,7 +199,7 @@ class MILConvNet(_AudioMIL):
                      num_mel_bins, num_frames, width, aggregation, **kwargs)
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@keras.saving.register_keras_serializable(package=constants.PACKAGE)
 class VisualDNN(_ConfigModel):
   """The visual model (Sec. 3.2): a DNN on the mean frame embedding of a clip.
 
@@ -232,7 +232,7 @@ class VisualDNN(_ConfigModel):
     self.dropout = dropout
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@keras.saving.register_keras_serializable(package=constants.PACKAGE)
 class EmbeddingMIL(_ConfigModel):
   """A small MIL network over AudioSet's released 1 s VGGish embeddings ([10, 128]).
 
@@ -283,7 +283,7 @@ def _separable(x, filters, stride, name, kernel=3, padding="same"):
   return _conv_bn_relu(x, filters, 1, f"{name}_pw", momentum=MOBILE_BN_MOMENTUM)
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@keras.saving.register_keras_serializable(package=constants.PACKAGE)
 class TrimFrames(keras.layers.Layer):
   """Drops trailing frames so that their number is a multiple of `multiple`.
 
@@ -309,7 +309,7 @@ class TrimFrames(keras.layers.Layer):
     return {**super().get_config(), "multiple": self.multiple}
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
+@keras.saving.register_keras_serializable(package=constants.PACKAGE)
 class MobileMIL(_AudioMIL):
   """A compact audio MIL network for phones: MobileNet-style depthwise-separable blocks
   (as in YAMNet and EfficientAT), the same log-mel input and MIL head as `MILConvNet`.
@@ -393,16 +393,3 @@ def with_segment_scores(model: keras.Model) -> keras.Model:
       "segment_scores": model.get_layer("segment_scores").output,
   }, name=f"{model.name}_with_segments")
 
-
-def build_model(kind: str, num_classes: int, **kwargs) -> keras.Model:
-  """Model factory by name: ``audio``, ``student`` (MobileMIL), ``visual`` or ``embedding``."""
-  if kind == "audio":
-    return MILConvNet(num_classes=num_classes, **kwargs)
-  if kind == "student":
-    return MobileMIL(num_classes=num_classes, **kwargs)
-  if kind == "visual":
-    return VisualDNN(num_classes=num_classes, **kwargs)
-  if kind == "embedding":
-    return EmbeddingMIL(num_classes=num_classes, **kwargs)
-  raise ValueError("Unknown model kind. Expected audio, student, visual or embedding. "
-                   f"Received: {kind!r}")

@@ -35,13 +35,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf.core import constants
 from av_sound_tf.core import features
 from av_sound_tf.core import files
 from av_sound_tf.core import model_files
 from av_sound_tf.modeling import models
 
 DEFAULT_MAX_SECONDS = 600.0
-_WAVEFORM_LAYOUT = "[batch, samples] of 16 kHz mono audio; one clip is [1, samples]"
+_WAVEFORM_LAYOUT = (f"[batch, samples] of {constants.SAMPLE_RATE / 1000:g} kHz mono audio; "
+                    "one clip is [1, samples]")
 VERIFY_ATOL = 1e-4
 
 
@@ -84,6 +86,7 @@ class AudioTagger:
     self.visual = visual_model
     self.fusion = fusion_model
     self.class_map_file = tf.saved_model.Asset(labels_path)
+    self.sample_rate = params.sample_rate
     self.max_samples = int(max_seconds * params.sample_rate)
     self.max_frames = params.num_frames(self.max_samples)
     self.min_samples = params.window_length + (models.MIN_FRAMES - 1) * params.hop_length
@@ -115,11 +118,12 @@ class AudioTagger:
     samples = tf.shape(waveform)[1]
     checks = [
         tf.debugging.assert_greater(samples, 0, message="empty waveform: give at least one "
-                                    "sample of 16 kHz audio"),
+                                    f"sample of {self.sample_rate / 1000:g} kHz audio"),
         tf.debugging.assert_less_equal(
             samples, self.max_samples,
             message=f"waveform longer than the maximum of {self.max_samples} samples "
-                    f"({self.max_samples / 16000:.0f} s at 16 kHz): split it into windows"),
+                    f"({self.max_samples / self.sample_rate:.0f} s at "
+                    f"{self.sample_rate / 1000:g} kHz): split it into windows"),
     ]
     with tf.control_dependencies(checks):
       pad = tf.maximum(self.min_samples - samples, 0)
@@ -203,9 +207,9 @@ def export_saved_model(audio_model_path: str, labels_path: str, export_base: str
                        fusion_model_path: Optional[str] = None,
                        max_seconds: float = DEFAULT_MAX_SECONDS) -> dict:
   """Exports, reloads and verifies; returns {"path", "signatures", "max_abs_diff"}."""
-  for path in (audio_model_path, labels_path, visual_model_path, fusion_model_path):
-    if path and not tf.io.gfile.exists(path):
-      raise FileNotFoundError(f"Not found: {path}")
+  # Model files are checked as they load (model_files.load_keras_model).
+  if not tf.io.gfile.exists(labels_path):
+    raise FileNotFoundError(f"Not found: {labels_path}")
   if bool(visual_model_path) != bool(fusion_model_path):
     raise ValueError("tag_audiovisual needs both a visual model and a fusion model.")
   audio = model_files.load_keras_model(audio_model_path, "Audio model")
@@ -246,7 +250,7 @@ def test_signals(count: int, samples: int) -> np.ndarray:
   compared scores are not all from one kind of input.
   """
   rng = np.random.default_rng(0)
-  t = np.arange(samples) / 16000.0
+  t = np.arange(samples) / constants.SAMPLE_RATE
   out = np.zeros([count, samples], np.float32)
   for i in range(count):
     level = 10 ** (-(6 + 6 * (i // 5 % 5)) / 20)
@@ -258,7 +262,9 @@ def test_signals(count: int, samples: int) -> np.ndarray:
     elif kind == 2:
       y = np.sin(2 * np.pi * (100 * t + (7000 - 100) / (2 * t[-1] + 1e-9) * t ** 2))
     elif kind == 3:
-      y = (np.arange(samples) % 1600 < 16).astype(np.float64)
+      # 1 ms clicks, 10 per second.
+      y = (np.arange(samples) % (constants.SAMPLE_RATE // 10) <
+           constants.SAMPLE_RATE // 1000).astype(np.float64)
     else:
       y = np.zeros(samples)
     out[i] = level * y

@@ -38,12 +38,14 @@ from typing import List, Optional
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf.core import constants
 from av_sound_tf.core import files
 from av_sound_tf.core import media
 from av_sound_tf.modeling import models
 
-SEGMENT_HOP_SECONDS = models.FRAMES_PER_SEGMENT / 100.0  # 0.32 s between MIL segments
-SEGMENT_SPAN_SECONDS = 0.96  # receptive field of one segment
+# 0.32 s between MIL segments; 0.96 s: the receptive field of one segment.
+SEGMENT_HOP_SECONDS = models.FRAMES_PER_SEGMENT / constants.FRAMES_PER_SECOND
+SEGMENT_SPAN_SECONDS = models.MIN_FRAMES / constants.FRAMES_PER_SECOND
 
 
 @dataclasses.dataclass
@@ -127,7 +129,7 @@ class Tagger:
       class_map = self.signatures["class_map"]()
       self.names = [n.decode() for n in class_map["display_name"].numpy()]
       self.mids = [m.decode() for m in class_map["mid"].numpy()]
-      self.window = int(window_seconds * media.SAMPLE_RATE)
+      self.window = int(window_seconds * constants.SAMPLE_RATE)
       self.runner = None
 
   @property
@@ -145,7 +147,7 @@ class Tagger:
       out = self.signatures["tag_waveform"](waveform=tf.constant(chunk[None, :]))
       seg = out["segment_scores"].numpy()[0]
       seg_scores.append(seg)
-      times.extend(start / media.SAMPLE_RATE + SEGMENT_HOP_SECONDS * np.arange(seg.shape[0]))
+      times.extend(start / constants.SAMPLE_RATE + SEGMENT_HOP_SECONDS * np.arange(seg.shape[0]))
     steps = np.concatenate(seg_scores)
     return steps.mean(axis=0), np.asarray(times), steps, SEGMENT_SPAN_SECONDS
 
@@ -156,8 +158,8 @@ class Tagger:
     starts = list(range(0, len(waveform) - self.window + 1, hop))
     steps = np.stack([self.runner(waveform[s:s + self.window])["clip_scores"][0]
                       for s in starts])
-    return steps.mean(axis=0), np.asarray(starts) / media.SAMPLE_RATE, steps, \
-        self.window / media.SAMPLE_RATE
+    return steps.mean(axis=0), np.asarray(starts) / constants.SAMPLE_RATE, steps, \
+        self.window / constants.SAMPLE_RATE
 
   def tag_file(self, path, timeline=False, threshold=0.5) -> TagResult:
     try:
@@ -184,7 +186,7 @@ class Tagger:
         entry["modality"] = "audio" if alpha[c] > 0.5 else "visual"
         entry["alpha_audio"] = round(float(alpha[c]), 4)
       labels.append(entry)
-    result = TagResult(path, "ok", "", labels, len(waveform) / media.SAMPLE_RATE)
+    result = TagResult(path, "ok", "", labels, len(waveform) / constants.SAMPLE_RATE)
     if timeline:
       result.timeline = {"times": times, "scores": steps, "step_seconds": step,
                          "names": self.names}

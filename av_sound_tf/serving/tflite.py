@@ -202,9 +202,8 @@ def convert(audio_model_path: str, labels_path: str, output_dir: str,
             tolerances: Optional[dict] = None) -> Converted:
   """Converts the audio model to TFLite variants, verifying each (see the module
   docstring); returns {variant: path} with `.verification` (also in <name>.json)."""
-  for path in (audio_model_path, labels_path):
-    if not tf.io.gfile.exists(path):
-      raise FileNotFoundError(f"Not found: {path}")
+  if not tf.io.gfile.exists(labels_path):  # the model: checked as it loads
+    raise FileNotFoundError(f"Not found: {labels_path}")
   bad = [v for v in variants if v not in VARIANTS]
   if bad:
     raise ValueError(f"Unknown TFLite variants {bad}; expected {VARIANTS}")
@@ -251,7 +250,8 @@ def convert(audio_model_path: str, labels_path: str, output_dir: str,
       out[variant] = path
   info_path = tf.io.gfile.join(output_dir, f"{name}.json")
   files.write_json(info_path, {
-      "window_seconds": window_seconds, "window_samples": samples, "sample_rate": 16000,
+      "window_seconds": window_seconds, "window_samples": samples,
+      "sample_rate": features.DEFAULT_PARAMS.sample_rate,
       "variants": out, "audio_model": audio_model_path,
       "verified_against": f"the Keras model's clip scores on {source}",
       "verification": verification})
