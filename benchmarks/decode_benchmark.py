@@ -26,6 +26,7 @@ import av
 import numpy as np
 import soxr
 
+from av_sound_tf.core import constants
 from av_sound_tf.core import media
 
 FLAGS = flags.FLAGS
@@ -55,12 +56,12 @@ def decode_tfio(path):
   audio = tfio.audio.AudioIOTensor(path)
   y = tf.reduce_mean(tf.cast(audio.to_tensor(), tf.float32), axis=1)
   rate = int(audio.rate.numpy())
-  return tfio.audio.resample(y, rate_in=rate, rate_out=media.SAMPLE_RATE).numpy()
+  return tfio.audio.resample(y, rate_in=rate, rate_out=constants.SAMPLE_RATE).numpy()
 
 
 def decode_swresample(path):
   """PyAV decode with FFmpeg's resampler (mono, 16 kHz, float), frame by frame."""
-  resampler = av.AudioResampler(format="flt", layout="mono", rate=media.SAMPLE_RATE)
+  resampler = av.AudioResampler(format="flt", layout="mono", rate=constants.SAMPLE_RATE)
   chunks = []
   with av.open(path) as container:
     for frame in container.decode(container.streams.audio[0]):
@@ -75,7 +76,7 @@ def resample_swr(y, rate):
   """One whole-signal swresample call through PyAV (the fastest way to use it)."""
   frame = av.AudioFrame.from_ndarray(y[None, :], format="flt", layout="mono")
   frame.sample_rate = rate
-  resampler = av.AudioResampler(format="flt", layout="mono", rate=media.SAMPLE_RATE)
+  resampler = av.AudioResampler(format="flt", layout="mono", rate=constants.SAMPLE_RATE)
   out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
   out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
   return np.concatenate(out)
@@ -105,7 +106,7 @@ def main(argv):
 
   rng = np.random.default_rng(0)
   y = rng.uniform(-0.5, 0.5, 441000).astype(np.float32)  # 10 s at 44.1 kHz
-  t_soxr = best_ms(lambda s: soxr.resample(s, 44100, media.SAMPLE_RATE, quality="HQ"),
+  t_soxr = best_ms(lambda s: soxr.resample(s, 44100, constants.SAMPLE_RATE, quality="HQ"),
                    [y] * 10, FLAGS.repeats)
   t_swr = best_ms(lambda s: resample_swr(s, 44100), [y] * 10, FLAGS.repeats)
   print("\nResampling one 10 s 44.1 kHz mono signal to 16 kHz, one call:")

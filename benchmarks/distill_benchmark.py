@@ -77,7 +77,7 @@ def _eval(model_path, data_dir, split, out):
 def _pooled_data(out):
   """The demo's labeled clips plus an unlabeled pool, prepared together."""
   from av_sound_tf.core import labels as labels_lib  # pylint: disable=g-import-not-at-top
-  from data_prep import inputs, prepare, synthetic_av  # pylint: disable=g-import-not-at-top
+  from data_prep import featurize, inputs, prepare, synthetic_av  # pylint: disable=g-import-not-at-top
   data = os.path.join(out, "pooled_prepared")
   if os.path.exists(os.path.join(data, "dataset_info.json")):
     return data
@@ -96,8 +96,8 @@ def _pooled_data(out):
       list_path, labels_lib.LabelMap.from_csv(os.path.join(demo_data,
                                                            "class_labels_indices.csv")),
       split_column="split", allow_unlabeled=True)
-  prepare.prepare(found, prepare.PrepareConfig(output_dir=data, modalities=("audio", "visual"),
-                                               embedder="color_layout", image_size=64),
+  prepare.prepare(found, featurize.PrepareConfig(output_dir=data, modalities=("audio", "visual"),
+                                                 embedder="color_layout", image_size=64),
                   num_workers=os.cpu_count() or 1, overwrite=True, progress_every=30)
   return data
 
@@ -218,7 +218,7 @@ def missing_labels_demo(out):
   from av_sound_tf.evaluate import predict  # pylint: disable=g-import-not-at-top
   from av_sound_tf.train import fusion_training  # pylint: disable=g-import-not-at-top
   from av_sound_tf.core import labels as labels_lib  # pylint: disable=g-import-not-at-top
-  from data_prep import inputs, prepare  # pylint: disable=g-import-not-at-top
+  from data_prep import featurize, inputs, prepare  # pylint: disable=g-import-not-at-top
   p = FLAGS.missing_labels
   root = os.path.join(out, f"missing{int(round(100 * p))}")
   data = os.path.join(root, "prepared")
@@ -241,8 +241,9 @@ def missing_labels_demo(out):
     files.write_json(os.path.join(root, "label_noise.json"), {"dropped": dropped, "kept": kept})
     found = inputs.from_file_list(list_path, labels_lib.LabelMap.from_csv(
         os.path.join(demo_data, "class_labels_indices.csv")), split_column="split")
-    prepare.prepare(found, prepare.PrepareConfig(output_dir=data, modalities=("audio", "visual"),
-                                                 embedder="color_layout", image_size=64),
+    prepare.prepare(found, featurize.PrepareConfig(output_dir=data,
+                                                   modalities=("audio", "visual"),
+                                                   embedder="color_layout", image_size=64),
                     num_workers=os.cpu_count() or 1, overwrite=True, progress_every=30)
   common = dict(data_dir=data, train_splits=("train",), validation_splits=("validation",),
                 batch_size=32, strategy="default", verbose=2)

@@ -35,6 +35,7 @@ import numpy as np
 from av_sound_tf.core import features
 from av_sound_tf.core import media
 from av_sound_tf.core import schema
+from data_prep import featurize
 from data_prep import inputs
 from data_prep import prepare
 
@@ -107,7 +108,7 @@ def make_clips(work_dir, n_unique, n_total):
 def bench_prepare(file_list, work_dir, fingerprint_content=True):
   out = os.path.join(work_dir, "shards")
   found = inputs.from_file_list(file_list)
-  config = prepare.PrepareConfig(output_dir=out)
+  config = featurize.PrepareConfig(output_dir=out)
   t0 = time.perf_counter()
   summary = prepare.prepare(found, config, num_workers=FLAGS.num_workers, overwrite=True,
                             progress_every=10, fingerprint_content=fingerprint_content)
@@ -138,7 +139,7 @@ def bench_fingerprint(file_list, work_dir, wall):
 def bench_stages(paths):
   """Cost of each stage per clip, one clip at a time in this process."""
   import tensorflow as tf
-  proc = prepare.ClipProcessor(prepare.PrepareConfig(output_dir="unused"))
+  proc = featurize.ClipProcessor(featurize.PrepareConfig(output_dir="unused"))
   proc.log_mel(media.decode_audio(paths[0]))  # compile
   t_dec = t_mel = t_ser = 0.0
   for p in paths:

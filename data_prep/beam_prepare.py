@@ -1,8 +1,9 @@
 """Data preparation as an Apache Beam pipeline (Dataflow, Flink, Spark or the DirectRunner).
 
-The same library code as the single-process writer (data_prep/prepare.py), arranged as:
+The same library code as the local runner (data_prep/prepare.py): the per-clip work of
+data_prep/featurize.py and the shard bookkeeping of data_prep/shards.py, arranged as:
 
-  launcher:  read the list (data_prep.inputs) -> plan shards (prepare.start_run: the same
+  launcher:  read the list (data_prep.inputs) -> plan shards (shards.start_run: the same
              duplicate and split-leak checks, the same deterministic assignment of clips
              to shards, verified shards of an earlier run kept, damaged ones redone)
              -> write the pending jobs to <output_dir>/.beam/jobs-*.jsonl
@@ -10,17 +11,18 @@ The same library code as the single-process writer (data_prep/prepare.py), arran
                                                         the embedder is built once per
                                                         worker in DoFn.setup; a Beam
                                                         counter per outcome / failure kind
-             -> GroupByKey(shard name) -> ParDo(WriteShard)   one prepare.ShardWriter per
+             -> GroupByKey(shard name) -> ParDo(WriteShard)   one shards.ShardWriter per
                                                         shard: clips sorted by input
                                                         position, one per input position
              + failed clips -> WriteToText(<output_dir>/failed/failed-*.csv) (dead letters)
-  launcher:  prepare.finalize (manifest.csv, dataset_info.json), counters, summary.
+  launcher:  shards.finalize (manifest.csv, the dataset info), counters, summary.
 
 Exactly once: a retried ProcessClip bundle can emit a clip twice; WriteShard keeps one
 record per input position (a duplicate row of the list is its own input, failed by
-inputs.mark_duplicates, and may share its clip id with the first row). A retried WriteShard rewrites the whole shard to ``.incomplete`` and
-renames it, so the result is the same bytes. The shards are therefore byte-identical to
-the single-process writer's (tests/beam_prepare_test.py checks it).
+inputs.mark_duplicates, and may share its clip id with the first row). A retried
+WriteShard rewrites the whole shard to ``.incomplete`` and renames it, so the result is the
+same bytes. The shards are therefore byte-identical to the local runner's
+(tests/beam_prepare_test.py checks it).
 
 Why not ``beam.io.WriteToTFRecord``: it decides which records land in which file from the
 bundle layout, so its shards differ between runs and retries, a resumed run cannot keep
@@ -43,8 +45,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 import tensorflow as tf
 
+from data_prep import featurize
 from data_prep import inputs as inputs_lib
-from data_prep import prepare
+from data_prep import shards
 
 RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner",
            "PortableRunner")
@@ -75,8 +78,8 @@ class ProcessClip(beam.DoFn):
     # One thread per worker process: Beam parallelizes over processes and workers.
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    self.processor = prepare.ClipProcessor(self.config)  # builds the embedder once
-    self.progress = prepare.Progress(0, every=30.0)  # per worker, in the worker's log
+    self.processor = featurize.ClipProcessor(self.config)  # builds the embedder once
+    self.progress = featurize.Progress(0, every=30.0)  # per worker, in the worker's log
 
   def process(self, line):
     shard, job = _job_from_json(line)
@@ -85,7 +88,7 @@ class ProcessClip(beam.DoFn):
     if result.status == "written":
       Metrics.counter(COUNTER_NAMESPACE, "written").inc()
     else:
-      Metrics.counter(COUNTER_NAMESPACE, "failed: " + prepare.reason_kind(result.reason)).inc()
+      Metrics.counter(COUNTER_NAMESPACE, "failed: " + shards.reason_kind(result.reason)).inc()
       yield beam.pvalue.TaggedOutput("failed", (job.path, result.reason))
     yield shard, (job, result)
 
@@ -104,7 +107,7 @@ class WriteShard(beam.DoFn):
       if job.index in unique:
         Metrics.counter(COUNTER_NAMESPACE, "duplicates dropped (retried bundles)").inc()
       unique[job.index] = (job, result)
-    writer = prepare.ShardWriter(self.output_dir, shard)
+    writer = shards.ShardWriter(self.output_dir, shard)
     for job, result in sorted(unique.values(), key=lambda t: t[0].index):  # input order
       writer.add(job, result)
     writer.close()
@@ -148,11 +151,11 @@ def pipeline_options(runner, beam_args=(), num_workers=2):
 
 def prepare_with_beam(inputs, config, runner="DirectRunner", beam_args=(), num_workers=2,
                       overwrite=False, jobs_per_file=10000, log=logging.info):
-  """Runs preparation on a Beam runner and waits for it; returns a prepare.Summary.
+  """Runs preparation on a Beam runner and waits for it; returns a shards.Summary.
 
   Args:
     inputs: the jobs and list problems (data_prep.inputs).
-    config: prepare.PrepareConfig; output_dir may be gs:// (any tf.io.gfile path).
+    config: featurize.PrepareConfig; output_dir may be gs:// (any tf.io.gfile path).
     runner: a Beam runner name.
     beam_args: extra Beam pipeline flags, e.g. ("--project=p", "--region=r",
       "--temp_location=gs://b/tmp", "--setup_file=./setup.py") for Dataflow.
@@ -161,7 +164,7 @@ def prepare_with_beam(inputs, config, runner="DirectRunner", beam_args=(), num_w
     jobs_per_file: jobs per JSON-lines input file (several files let ReadFromText split).
   """
   t0 = time.time()
-  plan, shard_names, pending, skipped = prepare.start_run(inputs, config, overwrite)
+  plan, shard_names, pending, skipped = shards.start_run(inputs, config, overwrite)
   beam_dir = tf.io.gfile.join(config.output_dir, BEAM_DIR)
   if tf.io.gfile.exists(beam_dir):
     tf.io.gfile.rmtree(beam_dir)
@@ -192,7 +195,7 @@ def prepare_with_beam(inputs, config, runner="DirectRunner", beam_args=(), num_w
     raise RuntimeError(f"The Beam pipeline finished without writing {len(missing)} shard(s), "
                        f"e.g. {missing[0]}; rerun the same command to redo them.")
   elapsed = max(time.time() - t0, 1e-9)
-  summary = prepare.finalize(inputs, config, plan, shard_names, skipped, t0,
+  summary = shards.finalize(inputs, config, plan, shard_names, skipped, t0,
                              len(pending) / elapsed)
   summary.counters = counters
   return summary

@@ -34,7 +34,8 @@ from typing import Dict, List
 import av
 import numpy as np
 
-SAMPLE_RATE = 16000
+from av_sound_tf.core import constants
+
 FPS = 8
 SIZE = 64
 SECONDS = 3.0
@@ -69,7 +70,7 @@ CLASSES = (
 
 
 def _sound(kind, n, rng):
-  t = np.arange(n) / SAMPLE_RATE
+  t = np.arange(n) / constants.SAMPLE_RATE
   if kind == "beep":
     return 0.5 * np.sin(2 * np.pi * 1000 * t) * ((t * 10) % 1 < 0.5)
   if kind == "buzz":
@@ -79,7 +80,7 @@ def _sound(kind, n, rng):
     return 0.4 * np.sin(2 * np.pi * (500 * phase + 0.5 * 8000 * phase ** 2))
   if kind == "knock":
     y = np.zeros(n)
-    for start in range(0, n, SAMPLE_RATE // 4):
+    for start in range(0, n, constants.SAMPLE_RATE // 4):
       m = min(400, n - start)
       y[start:start + m] = np.sin(2 * np.pi * 300 * t[:m]) * np.exp(-t[:m] * 60)
     return 0.8 * y
@@ -91,14 +92,14 @@ def _sound(kind, n, rng):
   if kind == "rumble":
     noise = rng.normal(size=n)
     spec = np.fft.rfft(noise)
-    freqs = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
+    freqs = np.fft.rfftfreq(n, 1 / constants.SAMPLE_RATE)
     spec[(freqs < 60) | (freqs > 220)] = 0
     y = np.fft.irfft(spec, n)
     return 0.5 * y / (np.abs(y).max() + 1e-9)
   if kind == "hiss":
     noise = rng.normal(size=n)
     spec = np.fft.rfft(noise)
-    spec[np.fft.rfftfreq(n, 1 / SAMPLE_RATE) < 4000] = 0
+    spec[np.fft.rfftfreq(n, 1 / constants.SAMPLE_RATE) < 4000] = 0
     y = np.fft.irfft(spec, n)
     return 0.3 * y / (np.abs(y).max() + 1e-9)
   if kind == "trill":
@@ -130,7 +131,7 @@ def _draw(frame, picture, cx, cy, r=10):
 
 def make_clip(rng, classes=CLASSES, p_audio_degraded=0.2, p_video_degraded=0.2):
   """-> (audio float32 [samples], frames uint8 [n, 64, 64, 3], clip record)."""
-  n = int(SECONDS * SAMPLE_RATE)
+  n = int(SECONDS * constants.SAMPLE_RATE)
   frames_n = int(SECONDS * FPS)
   chosen = sorted(rng.choice(len(classes), size=int(rng.integers(1, 4)), replace=False))
   audio = 0.01 * rng.normal(size=n)
@@ -140,7 +141,7 @@ def make_clip(rng, classes=CLASSES, p_audio_degraded=0.2, p_video_degraded=0.2):
   for c in chosen:
     duration = float(rng.uniform(0.8, 2.0))
     start = float(rng.uniform(0, SECONDS - duration))
-    a, b = int(start * SAMPLE_RATE), int((start + duration) * SAMPLE_RATE)
+    a, b = int(start * constants.SAMPLE_RATE), int((start + duration) * constants.SAMPLE_RATE)
     audio[a:b] += _sound(classes[c].sound, b - a, rng)
     cx, cy = rng.integers(14, SIZE - 14, size=2)
     for f in range(int(start * FPS), min(frames_n, int(np.ceil((start + duration) * FPS)))):
@@ -168,7 +169,7 @@ def write_mp4(path, audio, video):
     vstream.pix_fmt = "yuv420p"
     vstream.options = {"threads": "1", "crf": "18"}
     vstream.codec_context.thread_count = 1
-    astream = out.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
+    astream = out.add_stream("aac", rate=constants.SAMPLE_RATE, layout="mono")
     for frame in video:
       for packet in vstream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
         out.mux(packet)
@@ -177,7 +178,7 @@ def write_mp4(path, audio, video):
     for i in range(0, len(audio), 1024):
       chunk = av.AudioFrame.from_ndarray(audio[None, i:i + 1024], format="flt",
                                          layout="mono")
-      chunk.sample_rate = SAMPLE_RATE
+      chunk.sample_rate = constants.SAMPLE_RATE
       for packet in astream.encode(chunk):
         out.mux(packet)
     for packet in astream.encode(None):
@@ -218,7 +219,7 @@ def write_dataset(out_dir: str, splits: Dict[str, int], seed: int = 0,
     f.write("index,mid,display_name\n" + "".join(
         f"{i},{c.mid},{c.name}\n" for i, c in enumerate(CLASSES)))
   truth = {"seed": seed, "seconds": SECONDS, "fps": FPS, "size": SIZE,
-           "sample_rate": SAMPLE_RATE,
+           "sample_rate": constants.SAMPLE_RATE,
            "classes": [{"name": c.name, "mid": c.mid, "carrier": c.carrier} for c in CLASSES],
            "clips": clips}
   with open(done + ".incomplete", "w") as f:

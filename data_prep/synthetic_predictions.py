@@ -1,19 +1,20 @@
 """Synthetic model outputs where the truth is known, for fusion tests and benchmarks.
 
 Audio and visual scores [C = 12] per clip, written in bin/predict's layout
-(``<split>.tfrecord`` of `schema.make_prediction_example`, ``predictions_info.json`` and the
-class map), so that fusion training and the report read them as real predictions. Classes
-0-3 are audible only, 4-7 visible only, 8-11 both (weaker in each); per clip each modality
-is degraded to near chance 25 % of the time, so the best weighting is class- and
-sample-specific; a fraction `missing` of clips lack a modality.
+(``<split>.tfrecord`` of `schema.make_prediction_example`, the predictions info of
+`dataset_info.PredictionsInfo` and the class map), so that fusion training and the report
+read them as real predictions. Classes 0-3 are audible only, 4-7 visible only, 8-11 both
+(weaker in each); per clip each modality is degraded to near chance 25 % of the time, so
+the best weighting is class- and sample-specific; a fraction `missing` of clips lack a
+modality.
 """
 
-import json
 import os
 
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf.core import dataset_info
 from av_sound_tf.core import labels
 from av_sound_tf.core import schema
 
@@ -49,6 +50,6 @@ def write_synthetic_predictions(out, sizes=(("train", 3000), ("validation", 600)
   labels.LabelMap([f"/m/c{k}" for k in range(c)],
                   [f"audible {k}" if k < 4 else f"visible {k}" if k < 8 else f"both {k}"
                    for k in range(c)]).to_csv(os.path.join(out, schema.LABELS_FILE))
-  with tf.io.gfile.GFile(os.path.join(out, schema.PREDICTIONS_INFO), "w") as f:
-    json.dump({"num_classes": c, "labels_file": schema.LABELS_FILE, "splits": splits}, f)
+  dataset_info.PredictionsInfo.write(
+      out, {"num_classes": c, "labels_file": schema.LABELS_FILE, "splits": splits})
   return out

@@ -2,15 +2,17 @@
 the same shards as the single-process writer, dead letters, counters, idempotent writes."""
 
 import csv
-import json
 import os
 import shutil
 
 import pytest
 
+from av_sound_tf.core import dataset_info
 from av_sound_tf.core import schema
+from data_prep import featurize
 from data_prep import inputs
 from data_prep import prepare
+from data_prep import shards
 from tests.conftest import run_binary, shared_path
 from tests.prep_helpers import ESC_CLIPS, read_manifest, shard_bytes, write_list
 
@@ -37,14 +39,14 @@ def file_list(tmp_path_factory):
 def single_process(file_list, tmp_path_factory):
   out = tmp_path_factory.mktemp("local") / "out"
   prepare.prepare(inputs.from_file_list(file_list),
-                  prepare.PrepareConfig(output_dir=str(out), num_shards=3), num_workers=0,
+                  featurize.PrepareConfig(output_dir=str(out), num_shards=3), num_workers=0,
                   progress_every=0)
   return out
 
 
 def _beam(file_list, out, **kw):
   return beam_prepare.prepare_with_beam(
-      inputs.from_file_list(file_list), prepare.PrepareConfig(output_dir=str(out), num_shards=3),
+      inputs.from_file_list(file_list), featurize.PrepareConfig(output_dir=str(out), num_shards=3),
       runner="DirectRunner", num_workers=2, log=lambda *_: None, **kw)
 
 
@@ -69,8 +71,8 @@ def test_same_output_as_the_single_process_writer(file_list, single_process, tmp
   assert _clips(out) == _clips(single_process)
   assert shard_bytes(out) == shard_bytes(single_process)
   assert read_manifest(out) == read_manifest(single_process)
-  with open(out / schema.DATASET_INFO) as a, open(single_process / schema.DATASET_INFO) as b:
-    assert json.load(a) == json.load(b)
+  assert (dataset_info.DatasetInfo.read(str(out)).info ==
+          dataset_info.DatasetInfo.read(str(single_process)).info)
   dead = [p for p in os.listdir(out / "failed") if p.endswith(".csv")]
   rows = [r for p in dead for r in csv.DictReader(open(out / "failed" / p))]
   assert sorted(os.path.basename(r["path"]) for r in rows) == ["missing.ogg", "notes.ogg"]
@@ -81,9 +83,9 @@ def test_retried_bundles_write_each_clip_once(file_list, single_process, tmp_pat
   """A retried ProcessClip bundle emits its clips again; WriteShard keeps one of each, and a
   retried WriteShard rewrites the same bytes."""
   found = inputs.from_file_list(file_list)
-  config = prepare.PrepareConfig(output_dir=str(tmp_path), num_shards=3)
-  _, _, pending, _ = prepare.start_run(found, config)
-  processor = prepare.ClipProcessor(config)
+  config = featurize.PrepareConfig(output_dir=str(tmp_path), num_shards=3)
+  _, _, pending, _ = shards.start_run(found, config)
+  processor = featurize.ClipProcessor(config)
   name = "data-00000-of-00003.tfrecord"
   items = [(job, processor(job)) for job, shard in pending if shard == name]
   retried = items + items[:3]  # three clips delivered twice
@@ -133,9 +135,9 @@ def test_duplicates_leaks_and_damaged_shards_as_the_local_writer(tmp_path):
       ("copy.ogg", "Dog"), ("clock.ogg", "Clock")])
   local, beam = tmp_path / "local", tmp_path / "beam"
   prepare.prepare(inputs.from_file_list(file_list),
-                  prepare.PrepareConfig(output_dir=str(local), num_shards=2), num_workers=0,
+                  featurize.PrepareConfig(output_dir=str(local), num_shards=2), num_workers=0,
                   progress_every=0)
-  config = prepare.PrepareConfig(output_dir=str(beam), num_shards=2)
+  config = featurize.PrepareConfig(output_dir=str(beam), num_shards=2)
   run = lambda: beam_prepare.prepare_with_beam(  # pylint: disable=unnecessary-lambda-assignment
       inputs.from_file_list(file_list), config, runner="DirectRunner", num_workers=2,
       log=lambda *_: None)
@@ -162,7 +164,7 @@ def test_duplicates_leaks_and_damaged_shards_as_the_local_writer(tmp_path):
   with pytest.raises(inputs.SplitLeakError, match="would put a recording in two splits"):
     beam_prepare.prepare_with_beam(
         inputs.from_file_list(folds, split_column="fold"),
-        prepare.PrepareConfig(output_dir=str(tmp_path / "leak")), runner="DirectRunner",
+        featurize.PrepareConfig(output_dir=str(tmp_path / "leak")), runner="DirectRunner",
         num_workers=2, log=lambda *_: None)
-  assert os.path.exists(tmp_path / "leak" / prepare.SPLIT_LEAKS)
+  assert os.path.exists(tmp_path / "leak" / shards.SPLIT_LEAKS)
   assert not os.path.exists(tmp_path / "leak" / beam_prepare.BEAM_DIR)

@@ -222,7 +222,7 @@ def test_binary_errors(av_system, tmp_path):
 
 
 def test_unlabeled_clips_are_prepared_and_masked(tmp_path):
-  from data_prep import inputs, prepare  # pylint: disable=g-import-not-at-top
+  from data_prep import featurize, inputs, prepare  # pylint: disable=g-import-not-at-top
   from av_sound_tf.core import schema  # pylint: disable=g-import-not-at-top
   from av_sound_tf.train import pipeline  # pylint: disable=g-import-not-at-top
   clip = shared_path("esc10", "001 - Dog bark", "1-100032-A.ogg")
@@ -233,7 +233,7 @@ def test_unlabeled_clips_are_prepared_and_masked(tmp_path):
   found = inputs.from_file_list(str(tmp_path / "list.csv"), allow_unlabeled=True)
   assert [j.labeled for j in found.jobs] == [True, False] and not found.problems
   out = str(tmp_path / "out")
-  prepare.prepare(found, prepare.PrepareConfig(output_dir=out), num_workers=0)
+  prepare.prepare(found, featurize.PrepareConfig(output_dir=out), num_workers=0)
   info = schema.read_dataset_info(out)
   assert info["splits"]["data"]["num_unlabeled"] == 1
   files = schema.list_shards(out, "data")

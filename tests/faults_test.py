@@ -23,6 +23,7 @@ from av_sound_tf.core import features
 from av_sound_tf.core import labels
 from av_sound_tf.core import schema
 from av_sound_tf.train import training
+from data_prep import featurize
 from data_prep import inputs
 from data_prep import prepare
 from tests import synthetic
@@ -126,7 +127,7 @@ def test_every_bad_media_case_is_accounted_for(bad_media, tmp_path):
   file_list = write_list(tmp_path / "list.csv", rows)
   out = tmp_path / "out"
   summary = prepare.prepare(inputs.from_file_list(file_list),
-                            prepare.PrepareConfig(output_dir=str(out)), num_workers=0,
+                            featurize.PrepareConfig(output_dir=str(out)), num_workers=0,
                             progress_every=0)
   manifest = {r["path"]: r for r in read_manifest(out)}
   assert summary.total == len(manifest) == len(bad_media)  # 100 % accounted for
@@ -159,7 +160,7 @@ def test_truncation_is_judged_against_the_part_kept(tmp_path, max_seconds, warni
   path.write_bytes(webm[:len(webm) // 2])
   out = tmp_path / "out"
   prepare.prepare(inputs.from_file_list(write_list(tmp_path / "list.csv", [(path, "Dog")])),
-                  prepare.PrepareConfig(output_dir=str(out), max_seconds=max_seconds),
+                  featurize.PrepareConfig(output_dir=str(out), max_seconds=max_seconds),
                   num_workers=0, progress_every=0)
   [row] = read_manifest(out)
   assert (row["status"], row["warnings"]) == ("written", warnings)
@@ -182,7 +183,7 @@ def test_label_faults_in_a_segment_list(tmp_path):
   classes = labels.LabelMap(["/m/0bt9lr"], ["Dog"])
   found = inputs.from_segments(str(segs), str(media_dir), classes)
   out = tmp_path / "out"
-  summary = prepare.prepare(found, prepare.PrepareConfig(output_dir=str(out)), num_workers=0,
+  summary = prepare.prepare(found, featurize.PrepareConfig(output_dir=str(out)), num_workers=0,
                             progress_every=0)
   reasons = {r["path"]: (r["status"], r["reason"]) for r in read_manifest(out)}
   assert reasons[str(media_dir / "aaaaaaaaaaa.ogg")] == ("written", "")

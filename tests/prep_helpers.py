@@ -4,6 +4,7 @@ import csv
 import glob
 import os
 
+from data_prep import featurize
 from data_prep import inputs
 from data_prep import prepare
 
@@ -32,5 +33,5 @@ def shard_bytes(out):
 
 def run_prepare(file_list, out, num_workers=0, **kw):
   found = inputs.from_file_list(file_list)
-  config = prepare.PrepareConfig(output_dir=str(out), **kw)
+  config = featurize.PrepareConfig(output_dir=str(out), **kw)
   return prepare.prepare(found, config, num_workers=num_workers, progress_every=0)

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from av_sound_tf.core import dataset_info
+from av_sound_tf.core import files
 from av_sound_tf.core import labels
 from av_sound_tf.core import schema
+from data_prep import featurize
 from data_prep import inputs
 from data_prep import prepare
 from tests.conftest import run_binary, shared_path
@@ -30,7 +33,7 @@ def test_audio_shards_and_manifest(esc_list, tmp_path):
   assert (summary.total, summary.written, summary.failed) == (5, 5, 0)
   assert sorted(shard_bytes(out)) == ["data-00000-of-00002.tfrecord",
                                       "data-00001-of-00002.tfrecord"]
-  info = schema.read_dataset_info(str(out))
+  info = dataset_info.DatasetInfo.read(str(out)).info
   assert info["num_classes"] == 3 and info["splits"]["data"]["num_examples"] == 5
   label_map = labels.LabelMap.from_csv(str(out / schema.LABELS_FILE))
   assert label_map.names == ["Clock tick", "Dog bark", "Rain"]
@@ -75,7 +78,7 @@ def test_bad_inputs_are_accounted_for(tmp_path):
       (os.path.join(esc, ESC_CLIPS[2]), "")])
   found = inputs.from_file_list(file_list, label_map=classes)
   out = tmp_path / "out"
-  summary = prepare.prepare(found, prepare.PrepareConfig(output_dir=str(out)), num_workers=0)
+  summary = prepare.prepare(found, featurize.PrepareConfig(output_dir=str(out)), num_workers=0)
   manifest = read_manifest(out)
   assert summary.total == len(manifest) == 7  # every row of the list is accounted for
   by_path = {os.path.basename(r["path"]): r for r in manifest}
@@ -137,8 +140,16 @@ def test_audio_visual_videos(tmp_path):
   summary = run_prepare(file_list, tmp_path / "lenient", allow_missing_modality=True,
                         store_frame_embeddings=True, **common)
   assert summary.written == 4
-  info = schema.read_dataset_info(str(tmp_path / "lenient"))
+  info = dataset_info.DatasetInfo.read(str(tmp_path / "lenient")).info
   assert info["embedding_dim"] == 32
+  # The manifest carries each clip's embedding size, so a rerun that keeps every shard
+  # writes the same dataset info without reading a shard back.
+  assert {(r["has_video"], r["embedding_dim"]) for r in read_manifest(tmp_path / "lenient")
+          } == {("1", "32"), ("0", "0")}
+  resumed = run_prepare(file_list, tmp_path / "lenient", allow_missing_modality=True,
+                        store_frame_embeddings=True, **common)
+  assert resumed.skipped_shards == 1
+  assert dataset_info.DatasetInfo.read(str(tmp_path / "lenient")).info == info
   ds = schema.read_examples(schema.list_shards(str(tmp_path / "lenient"), "data"), 1,
                             embedding_dim=32)
   by_id = {os.path.basename(ex["clip_id"].numpy().decode()): ex for ex in ds}
@@ -171,7 +182,7 @@ def test_segment_list_matching(tmp_path):
   assert [j.clip_id for j in found.jobs] == ["aaaaaaaaaaa_30", "bbbbbbbbbbb_0"]
   assert found.jobs[0].trim == "never" and found.jobs[1].trim == "auto"
   out = tmp_path / "out"
-  summary = prepare.prepare(found, prepare.PrepareConfig(output_dir=str(out)), num_workers=0)
+  summary = prepare.prepare(found, featurize.PrepareConfig(output_dir=str(out)), num_workers=0)
   assert summary.written == 2 and summary.missing_media == 1 and summary.unmatched_files == 1
   manifest = read_manifest(out)
   assert len(manifest) == 4  # 2 written, the file without a row, the broken row
@@ -196,7 +207,7 @@ def test_non_local_file_system():
     f.write("path,labels\nsub/a.ogg,Dog\n")
   found = inputs.from_file_list("ram://prep_in/list.csv")
   assert found.jobs[0].clip_id == "sub/a" and found.jobs[0].path == "ram://prep_in/sub/a.ogg"
-  summary = prepare.prepare(found, prepare.PrepareConfig(output_dir="ram://prep_out"),
+  summary = prepare.prepare(found, featurize.PrepareConfig(output_dir="ram://prep_out"),
                             num_workers=0, overwrite=True)
   assert summary.written == 1
   (ex,) = list(schema.read_examples(schema.list_shards("ram://prep_out", "data"), 1))
@@ -217,7 +228,8 @@ def test_binary_helpfull_and_errors(tmp_path):
                "--class_labels", "--max_failure_fraction", "--embedder", "--num_shards"):
     assert flag in res.stdout, flag
   res = _bin("--output_dir", str(tmp_path / "o"))
-  assert res.returncode != 0 and "exactly one of --file_list or --segments_csv" in res.stderr
+  assert res.returncode != 0 and "exactly one of" in res.stderr.lower()
+  assert "file_list" in res.stderr and "segments_csv" in res.stderr
   assert "Traceback" not in res.stderr
   res = _bin("--file_list", str(tmp_path / "nope.csv"), "--output_dir", str(tmp_path / "o"))
   assert res.returncode == 2 and "Traceback" not in res.stderr
@@ -250,7 +262,7 @@ def test_all_esc10_clips(tmp_path):
   res = _bin("--file_list", esc_labels, "--label_column", "class", "--split_column", "fold",
              "--output_dir", str(out))
   assert res.returncode == 0, res.stderr[-3000:]
-  info = schema.read_dataset_info(str(out))
+  info = dataset_info.DatasetInfo.read(str(out)).info
   assert sorted(info["splits"]) == ["1", "2", "3", "4", "5"]
   assert sum(s["num_examples"] for s in info["splits"].values()) == 400
   manifest = read_manifest(out)
@@ -350,7 +362,7 @@ def test_same_recording_in_two_splits_stops_the_run(spellings):
   out = d.parent / "out"
   found = inputs.from_file_list(file_list, split_column="fold")
   with pytest.raises(ValueError) as e:
-    prepare.prepare(found, prepare.PrepareConfig(output_dir=str(out)), num_workers=0)
+    prepare.prepare(found, featurize.PrepareConfig(output_dir=str(out)), num_workers=0)
   message = str(e.value)
   assert "2 input(s) would put a recording in two splits" in message
   assert f"{d / 'copy.ogg'} (line 4, split 2) is the same recording as {d / 'x.ogg'} " \
@@ -368,7 +380,7 @@ def test_same_recording_in_two_splits_stops_the_run(spellings):
                         header=("path", "labels", "start_seconds", "end_seconds", "fold"))
   with pytest.raises(ValueError, match="1 input\\(s\\) would put a recording in two splits"):
     prepare.prepare(inputs.from_file_list(seg_list, split_column="fold"),
-                    prepare.PrepareConfig(output_dir=str(d.parent / "out2")), num_workers=0)
+                    featurize.PrepareConfig(output_dir=str(d.parent / "out2")), num_workers=0)
 
 
 def test_binary_refuses_a_split_leak_in_one_line(spellings):
@@ -400,7 +412,7 @@ def test_segment_list_same_media_under_two_names(tmp_path):
   classes = labels.LabelMap(["/m/0bt9lr", "/m/06mb1"], ["Dog", "Rain"])
   found = inputs.from_segments(str(segs), str(media_dir), classes, split="eval")
   out = tmp_path / "out"
-  summary = prepare.prepare(found, prepare.PrepareConfig(output_dir=str(out)), num_workers=0)
+  summary = prepare.prepare(found, featurize.PrepareConfig(output_dir=str(out)), num_workers=0)
   rows = {r["clip_id"]: (r["status"], r["reason"]) for r in read_manifest(out)}
   assert rows == {
       "aaaaaaaaaaa_30": ("written", ""),
@@ -477,6 +489,16 @@ def test_rerun_redoes_damaged_shards(esc_list, tmp_path, caplog):
   assert len(read_manifest(out)) == 5
   assert any(names[3] in r.getMessage() and "lists 0 of 1 input(s)" in r.getMessage()
              for r in caplog.records)
+  # A manifest part written before the embedding_dim column existed is redone as well.
+  part = out / ".manifest" / (names[0] + ".csv")
+  rows = list(csv.DictReader(part.read_text().splitlines()))
+  columns = [c for c in rows[0] if c != "embedding_dim"]
+  part.write_text(files.csv_text(rows, columns))
+  caplog.clear()
+  summary = run_prepare(esc_list, out, num_shards=4)
+  assert summary.skipped_shards == 3 and shard_bytes(out) == reference
+  assert any(names[0] in r.getMessage() and "lacks the column(s) embedding_dim" in
+             r.getMessage() for r in caplog.records)
 
 
 def test_duplicates_on_a_non_local_file_system():

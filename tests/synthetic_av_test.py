@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from av_sound_tf.core import constants
 from av_sound_tf.core import embedders
 from av_sound_tf.core import labels
 from av_sound_tf.core import media
@@ -87,7 +88,7 @@ def test_modalities_carry_what_the_design_says():
   hums = sorted(c.sound for c in groups["visual"])
   assert hums == ["hum_56", "hum_60", "hum_64", "hum_68"]
   rng = np.random.default_rng(0)
-  n = synthetic_av.SAMPLE_RATE
+  n = constants.SAMPLE_RATE
   spectra = [np.abs(np.fft.rfft(synthetic_av._sound(h, n, rng))) for h in hums]  # pylint: disable=protected-access
   for f0, spectrum in zip((56, 60, 64, 68), spectra):  # 1 Hz bins: peaks at k * f0
     assert sorted(np.argsort(spectrum)[-4:]) == [f0, 2 * f0, 3 * f0, 4 * f0]

@@ -15,6 +15,7 @@ from av_sound_tf.core import labels
 from av_sound_tf.core import media
 from av_sound_tf.modeling import models
 from av_sound_tf.serving import tflite
+from data_prep import featurize
 from data_prep import inputs
 from data_prep import prepare
 from tests.conftest import shared_path
@@ -29,7 +30,7 @@ def converted(tmp_path_factory, request):
   (tmp / "list.csv").write_text("\n".join(rows) + "\n")
   data = str(tmp / "data")
   found = inputs.from_file_list(str(tmp / "list.csv"))
-  prepare.prepare(found, prepare.PrepareConfig(output_dir=data, num_shards=1), num_workers=0)
+  prepare.prepare(found, featurize.PrepareConfig(output_dir=data, num_shards=1), num_workers=0)
   keras.utils.set_random_seed(0)
   model = models.AUDIO_ARCHITECTURES[request.param](
       num_classes=found.label_map.num_classes, num_frames=128, width=0.125)

@@ -16,8 +16,7 @@ callers record it and move on.
 
 Truncated files: a decoder keeps what decodes before a cut, so `read_audio` compares where
 decoding stopped with where the container says the audio ends (`DecodedAudio.truncation`);
-see `TRUNCATION_TOLERANCE_SECONDS`. Ogg declares no length (FFmpeg reads it from the last
-page present), so there a missing end-of-stream page is the sign instead.
+the tolerance and the WAV and Ogg checks are in `core.truncation`.
 """
 
 import dataclasses
@@ -28,9 +27,9 @@ import numpy as np
 import soxr
 import tensorflow as tf
 
+from av_sound_tf.core import constants
 from av_sound_tf.core import files
-
-SAMPLE_RATE = 16000
+from av_sound_tf.core import truncation as truncation_lib
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".m4a", ".aac", ".opus", ".wma",
                     ".aiff", ".aif")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
@@ -128,22 +127,6 @@ def _frame_to_mono(frame):
   return mono.astype(np.float32, copy=False)
 
 
-# A decoded audio track may end short of the length its container declares without being
-# truncated: AAC/MP3 priming and padding (about 50 ms), a container duration that is the
-# longest stream's (video outlasting audio by a few frames), durations rounded to
-# milliseconds. Measured on the 453 real files with audio in ../shared/data (ESC-10, video/,
-# real_av/, librosa/), the largest such shortfall is 0.118 s against the container's
-# duration (moviepy_fire2.mp4, whose video outlasts its audio) and 0.011 s against the
-# audio stream's, which is what is compared when the container gives it
-# (media_test::test_real_files_are_not_reported_truncated checks a sample). A shortfall
-# beyond max(0.5 s, 5 % of the wanted length) is reported: losses smaller than that go
-# unseen. 5 % covers durations estimated from the bitrate (an MP3 without a Xing header;
-# only a VBR one can be off by more, and a cut CBR one is estimated from the cut size, so
-# its truncation cannot be seen at all).
-TRUNCATION_TOLERANCE_SECONDS = 0.5
-TRUNCATION_TOLERANCE_FRACTION = 0.05
-
-
 @dataclasses.dataclass
 class DecodedAudio:
   """A decoded audio track, and whether it ended short of what its container declares.
@@ -157,8 +140,9 @@ class DecodedAudio:
       segment, the end of the data, or a decode error).
     truncation: "" or a warning such as ``decoded 2.5 s of the 18.2 s the container
       declares (truncated?)`` when the decoded audio falls short of the declared end (or
-      of the segment's end, when that comes first) by more than the tolerance, or when an
-      Ogg stream that was decoded to its end lacks its end-of-stream page.
+      of the segment's end, when that comes first) by more than `core.truncation`'s
+      tolerance, or when an Ogg stream that was decoded to its end lacks its
+      end-of-stream page.
   """
 
   waveform: np.ndarray
@@ -172,113 +156,14 @@ class DecodedAudio:
     return self.waveform.shape[0] / self.sample_rate
 
 
-def _declared_end(container, stream):
-  """Where the container says `stream` ends (seconds on the frames' clock), 0.0: unknown."""
-  if stream.duration and stream.time_base:
-    begin = stream.start_time if stream.start_time is not None else 0
-    return float((begin + stream.duration) * stream.time_base)
-  if container.duration:
-    begin = container.start_time if container.start_time is not None else 0
-    return (begin + container.duration) / av.time_base
-  return 0.0
-
-
-def _truncation_warning(declared_end, decoded_end, start_seconds, end_seconds, first_time,
-                        decoded_seconds):
-  """The `DecodedAudio.truncation` text for a track decoded up to `decoded_end`."""
-  if not declared_end:
-    return ""
-  wanted_end = declared_end if end_seconds is None else min(end_seconds, declared_end)
-  wanted = wanted_end - max(start_seconds or 0.0, first_time)
-  shortfall = wanted_end - decoded_end
-  if wanted <= 0 or shortfall <= max(TRUNCATION_TOLERANCE_SECONDS,
-                                     TRUNCATION_TOLERANCE_FRACTION * wanted):
-    return ""
-  segment = ""
-  if start_seconds is not None or end_seconds is not None:
-    segment = f" for {start_seconds or 0.0:g}-{wanted_end:g} s"
-  return (f"decoded {decoded_seconds:.1f} s of the {wanted:.1f} s the container declares"
-          f"{segment} (truncated?)")
-
-
-_OGG_PAGE_HEADER = 27  # bytes before the segment table
-_OGG_MAX_PAGE = _OGG_PAGE_HEADER + 255 + 255 * 255
-
-
-def _read_part(path, offset, length):
-  """(file size, up to `length` bytes from `offset`; a negative offset counts from the
-  end). None when the file cannot be read: these checks follow a decode that went
-  through, and are not worth a failure."""
-  try:
-    if "://" in path:
-      f = tf.io.gfile.GFile(path, "rb")
-      size = f.size()
-    else:
-      f = open(path, "rb")  # pylint: disable=consider-using-with
-      size = f.seek(0, os.SEEK_END)
-    with f:
-      f.seek(max(0, size + offset) if offset < 0 else min(offset, size))
-      return size, f.read(length)
-  except (OSError, tf.errors.OpError):
-    return None
-
-
-def _ogg_end_of_stream_missing(path):
-  """True when the file does not end with a complete Ogg page marked end-of-stream.
-
-  Every Ogg stream closed by its writer ends with such a page (all 414 Ogg files in
-  ../shared/data do); a truncated file ends inside a page or after one without the mark.
-  Reads the last page only (at most 65 307 bytes).
-  """
-  part = _read_part(path, -_OGG_MAX_PAGE, _OGG_MAX_PAGE)
-  if part is None:
-    return False
-  tail = part[1]
-  at = tail.rfind(b"OggS")
-  while at >= 0:  # the last page is the one that ends exactly at the end of the file
-    if len(tail) - at >= _OGG_PAGE_HEADER and tail[at + 4] == 0:
-      table = tail[at + _OGG_PAGE_HEADER:at + _OGG_PAGE_HEADER + tail[at + 26]]
-      if len(table) == tail[at + 26] and at + _OGG_PAGE_HEADER + len(table) + sum(
-          table) == len(tail):
-        return not tail[at + 5] & 0x04
-    at = tail.rfind(b"OggS", 0, at)
-  return True
-
-
-def _wav_declared_seconds(path):
-  """The length a RIFF/WAVE header declares (its data chunk's size), 0.0 when unknown.
-
-  FFmpeg takes a WAV file's length from the file size when the data chunk runs past the
-  end, so a cut file would look complete. Streamed WAVs (size 0 or 0xFFFFFFFF) declare
-  nothing. Reads the chunk headers at the file's start (one read of 64 KiB).
-  """
-  part = _read_part(path, 0, 65536)
-  if part is None:
-    return 0.0
-  head = part[1]
-  if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-    return 0.0
-  at, bytes_per_second = 12, 0
-  while at + 8 <= len(head):
-    chunk, size = head[at:at + 4], int.from_bytes(head[at + 4:at + 8], "little")
-    if chunk == b"fmt " and at + 16 <= len(head):
-      bytes_per_second = int.from_bytes(head[at + 16:at + 20], "little")
-    elif chunk == b"data":
-      if not bytes_per_second or size in (0, 0xFFFFFFFF):
-        return 0.0
-      return size / bytes_per_second
-    at += 8 + size + (size & 1)  # chunks are padded to an even size
-  return 0.0
-
-
 def decode_audio(path, start_seconds=None, end_seconds=None,
-                 sample_rate=SAMPLE_RATE) -> np.ndarray:
+                 sample_rate=constants.SAMPLE_RATE) -> np.ndarray:
   """`read_audio`'s waveform: mono float32 at `sample_rate` (see there)."""
   return read_audio(path, start_seconds, end_seconds, sample_rate).waveform
 
 
 def read_audio(path, start_seconds=None, end_seconds=None,
-               sample_rate=SAMPLE_RATE) -> DecodedAudio:
+               sample_rate=constants.SAMPLE_RATE) -> DecodedAudio:
   """Decodes the first audio track to mono float32 at `sample_rate`.
 
   Frames are decoded by FFmpeg, averaged over channels, cut to the segment at the native
@@ -306,7 +191,7 @@ def read_audio(path, start_seconds=None, end_seconds=None,
     if not container.streams.audio:
       raise MediaError(path, "no audio track")
     stream = container.streams.audio[0]
-    declared_end = _declared_end(container, stream)
+    declared_end = truncation_lib.declared_end(container, stream)
     formats = container.format.name.split(",")
     if start_seconds and start_seconds > 0:
       # Seek lands at or before the wanted time; decoded frames carry their own times.
@@ -363,10 +248,11 @@ def read_audio(path, start_seconds=None, end_seconds=None,
   seconds = waveform.shape[0] / sample_rate
   to_the_end = stop is None or position < stop  # decoding ran out before the segment did
   if to_the_end and "wav" in formats:  # FFmpeg hides a cut WAV's declared length
-    declared_end = max(declared_end, _wav_declared_seconds(path))
-  truncation = _truncation_warning(declared_end, decoded_end, start_seconds, end_seconds,
-                                   first_time, seconds)
-  if not truncation and to_the_end and "ogg" in formats and _ogg_end_of_stream_missing(path):
+    declared_end = max(declared_end, truncation_lib.wav_declared_seconds(path))
+  truncation = truncation_lib.shortfall_warning(declared_end, decoded_end, start_seconds,
+                                                end_seconds, first_time, seconds)
+  if (not truncation and to_the_end and "ogg" in formats and
+      truncation_lib.ogg_end_of_stream_missing(path)):
     truncation = (f"decoded {seconds:.1f} s; the Ogg stream ends without its end-of-stream "
                   "page (truncated?)")
   return DecodedAudio(np.clip(waveform, -1.0, 1.0), sample_rate, declared_end, decoded_end,
@@ -449,7 +335,8 @@ def media_kind(path) -> str:
   return ""
 
 
-def digital_silence_fraction(waveform: np.ndarray, sample_rate=SAMPLE_RATE) -> float:
+def digital_silence_fraction(waveform: np.ndarray,
+                             sample_rate=constants.SAMPLE_RATE) -> float:
   """Fraction of 100 ms blocks that are exactly zero (a sign of a broken or missing track)."""
   block = sample_rate // 10
   n = waveform.shape[0] // block

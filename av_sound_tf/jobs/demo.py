@@ -112,6 +112,7 @@ def run_demo(out_dir, log=print) -> dict:
   from av_sound_tf.serving import tflite
   from av_sound_tf.train import fusion_training
   from av_sound_tf.train import training
+  from data_prep import featurize
   from data_prep import inputs
   from data_prep import prepare
   from data_prep import synthetic_av
@@ -129,8 +130,8 @@ def run_demo(out_dir, log=print) -> dict:
     found = inputs.from_file_list(paths["labels"],
                                   labels_lib.LabelMap.from_csv(paths["class_labels"]),
                                   split_column="split")
-    config = prepare.PrepareConfig(output_dir=p("prepared"), modalities=("audio", "visual"),
-                                   embedder="color_layout", image_size=64)
+    config = featurize.PrepareConfig(output_dir=p("prepared"), modalities=("audio", "visual"),
+                                     embedder="color_layout", image_size=64)
     summary = prepare.prepare(found, config, num_workers=os.cpu_count() or 1,
                               overwrite=True, progress_every=10)
     log(summary.table())

@@ -13,6 +13,7 @@ import time
 
 from av_sound_tf.core import dataset_info
 from av_sound_tf.train import training
+from data_prep import featurize
 from data_prep import inputs
 from data_prep import prepare
 
@@ -53,7 +54,7 @@ def run(esc10_dir, out_dir, folds=(1, 2, 3, 4, 5), log=print, **settings) -> dic
   if not dataset_info.DatasetInfo.exists(data):
     found = inputs.from_file_list(os.path.join(esc10_dir, "labels.csv"), label_column="class",
                                   split_column="fold")
-    summary = prepare.prepare(found, prepare.PrepareConfig(output_dir=data),
+    summary = prepare.prepare(found, featurize.PrepareConfig(output_dir=data),
                               num_workers=os.cpu_count() or 1, overwrite=True)
     log(summary.table())
   results = []
