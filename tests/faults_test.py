@@ -273,8 +273,8 @@ def test_shard_cut_at_a_record_boundary_is_caught_by_the_count(prepared):
     for r in records[:-1]:
       w.write(r)
   files = schema.list_shards(prepared, "train")
-  with pytest.raises(schema.CorruptShardError, match="hold 23 records but dataset_info.json "
-                     "says 24"):
+  with pytest.raises(schema.CorruptShardError, match="hold 23 records but bin/prepare_data "
+                     "wrote 24"):
     schema.check_shards(files, expected_records=24)
 
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf.serving import export
-from av_sound_tf.modeling import fusion  # pylint: disable=unused-import  (registers fusion layers)
-from av_sound_tf.core import labels
+from av_sound_tf.core import dataset_info
 from av_sound_tf.core import model_files
 from av_sound_tf.core import schema
+from av_sound_tf.modeling import fusion  # pylint: disable=unused-import  (registers fusion layers)
+from av_sound_tf.serving import export
 from av_sound_tf.serving import tflite
-from av_sound_tf.train import training  # pylint: disable=unused-import  (registers ReplicaMeanAdam)
+from av_sound_tf.train import distribution  # pylint: disable=unused-import  (registers ReplicaMeanAdam)
 
 LEGACY = os.path.join(os.path.dirname(__file__), "data", "legacy_df56a22")
 
@@ -48,11 +48,11 @@ def test_old_keras_files_load_and_predict_the_same(name, inputs, reference):
 
 def test_old_prepared_data_reads(tmp_path):
   data_dir = os.path.join(LEGACY, "prepared")
-  info = schema.read_dataset_info(data_dir)
-  assert info["num_classes"] == 3 and info["splits"]["data"]["num_examples"] == 3
-  label_map = labels.LabelMap.from_csv(os.path.join(data_dir, info["labels_file"]))
+  info = dataset_info.DatasetInfo.read(data_dir)
+  assert info.num_classes == 3 and info.num_examples(["data"]) == 3
+  label_map = info.label_map()
   assert label_map.names == ["high", "low", "mid"]
-  examples = list(schema.read_examples(schema.list_shards(data_dir, "data"), 3))
+  examples = list(schema.read_examples(info.shards("data"), 3))
   assert [e["clip_id"].numpy().decode() for e in examples] == ["tone0", "tone1", "tone2"]
   for e, label in zip(examples, ("low", "mid", "high")):
     assert e["log_mel"].shape == (99, 64)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from av_sound_tf.core import dataset_info
 from av_sound_tf.core import schema
 
 
@@ -73,10 +74,11 @@ def test_shard_name_and_listing(tmp_path):
 
 
 def test_dataset_info(tmp_path):
-  schema.write_dataset_info(str(tmp_path / schema.DATASET_INFO), {"num_classes": 3})
-  assert schema.read_dataset_info(str(tmp_path))["num_classes"] == 3
+  dataset_info.DatasetInfo.write(str(tmp_path), {"num_classes": 3})
+  info = dataset_info.DatasetInfo.read(str(tmp_path))
+  assert info.num_classes == 3 and info.info["schema_version"] == schema.SCHEMA_VERSION
   with pytest.raises(FileNotFoundError, match="prepare_data"):
-    schema.read_dataset_info(str(tmp_path / "nope"))
+    dataset_info.DatasetInfo.read(str(tmp_path / "nope"))
 
 
 def _audioset_example(video_id, start, labels, embedding):

@@ -253,9 +253,9 @@ def check_shards(files, skip_corrupt: bool = False, expected_records: Optional[i
     files: shard paths.
     skip_corrupt: False: raise CorruptShardError at the first bad shard; True: leave bad
       shards out, log each, and return them.
-    expected_records: when given (dataset_info.json's count) and no shard was skipped, a
-      different total is an error: a shard truncated exactly at a record boundary, or
-      replaced, passes the CRC checks but not this count.
+    expected_records: when given (the count bin/prepare_data recorded) and no shard was
+      skipped, a different total is an error: a shard truncated exactly at a record
+      boundary, or replaced, passes the CRC checks but not this count.
     log: callable for the per-shard warnings (default: absl logging.warning).
 
   Returns:
@@ -281,7 +281,7 @@ def check_shards(files, skip_corrupt: bool = False, expected_records: Optional[i
   if expected_records is not None and not skipped and total != expected_records:
     raise CorruptShardError(
         f"The shards {os.path.dirname(files[0]) if files else ''} hold {total} records but "
-        f"dataset_info.json says {expected_records}: a shard was truncated or replaced. "
+        f"bin/prepare_data wrote {expected_records}: a shard was truncated or replaced. "
         "Re-run bin/prepare_data on this directory.")
   return good, skipped, total
 
