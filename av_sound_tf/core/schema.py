@@ -369,7 +369,6 @@ PREDICTION_SPEC = {
     "has_audio": tf.io.FixedLenFeature([], tf.int64, default_value=0),
     "has_video": tf.io.FixedLenFeature([], tf.int64, default_value=0),
 }
-PREDICTIONS_INFO = "predictions_info.json"
 
 
 def make_prediction_example(clip_id, label_indices, h_audio, h_visual, has_audio,
