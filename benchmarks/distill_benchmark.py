@@ -31,6 +31,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from av_sound_tf.evaluate import evaluation  # pylint: disable=g-import-not-at-top
+from av_sound_tf.core import dataset_info  # pylint: disable=g-import-not-at-top
 from av_sound_tf.core import files  # pylint: disable=g-import-not-at-top
 from av_sound_tf.core import model_files  # pylint: disable=g-import-not-at-top
 from av_sound_tf.modeling import models  # pylint: disable=g-import-not-at-top
@@ -79,7 +80,7 @@ def _pooled_data(out):
   from av_sound_tf.core import labels as labels_lib  # pylint: disable=g-import-not-at-top
   from data_prep import featurize, inputs, prepare, synthetic_av  # pylint: disable=g-import-not-at-top
   data = os.path.join(out, "pooled_prepared")
-  if os.path.exists(os.path.join(data, "dataset_info.json")):
+  if dataset_info.DatasetInfo.exists(data):
     return data
   pool = os.path.join(out, "pool_media")
   synthetic_av.write_dataset(pool, {"pool": FLAGS.pool}, seed=1)  # new clips, same design
@@ -224,7 +225,7 @@ def missing_labels_demo(out):
   data = os.path.join(root, "prepared")
   demo_data = os.path.abspath(os.path.join(FLAGS.demo_dir, "data"))
   dropped = kept = 0
-  if not os.path.exists(os.path.join(data, "dataset_info.json")):
+  if not dataset_info.DatasetInfo.exists(data):
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
     rows = ["path,labels,split"]

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from av_sound_tf.modeling import fusion
 from av_sound_tf.modeling import models
+from av_sound_tf.train import distillation
 from av_sound_tf.train import training
 from tests import synthetic
 from tests.conftest import run_binary, shared_path
@@ -82,7 +83,7 @@ def test_distillation_loss_is_the_stated_formula(temperature):
   q = rng.uniform(0.05, 0.95, [4, 3]).astype("float32")
   p = rng.uniform(0.05, 0.95, [4, 3]).astype("float32")
   student = keras.Sequential([keras.Input([3])])
-  distiller = training.Distiller(student, _Fixed(q), alpha=0.3, temperature=temperature)
+  distiller = distillation.Distiller(student, _Fixed(q), alpha=0.3, temperature=temperature)
   distiller.compile(loss=keras.losses.BinaryCrossentropy())
   got = float(distiller.compute_loss(tf.zeros([4, 3]), tf.constant(y), tf.constant(p)))
 
@@ -96,7 +97,7 @@ def test_distillation_loss_is_the_stated_formula(temperature):
   expected = 0.3 * bce(y, p) + 0.7 * temperature ** 2 * bce(soften(q), soften(p))
   assert got == pytest.approx(expected, rel=1e-4)
   with pytest.raises(ValueError, match="alpha"):
-    training.Distiller(student, _Fixed(q), alpha=1.5)
+    distillation.Distiller(student, _Fixed(q), alpha=1.5)
 
 
 def test_teacher_calibration_is_per_class_platt_scaling():
@@ -112,7 +113,7 @@ def test_teacher_calibration_is_per_class_platt_scaling():
   x = squashed.astype("float32")
   scores = keras.Input([3])
   teacher = keras.Model(scores, keras.layers.Identity()(scores))
-  calibrated, report = training.calibrate_teacher(
+  calibrated, report = distillation.calibrate_teacher(
       teacher, tf.data.Dataset.from_tensor_slices((x, y)).batch(64))
   after = np.asarray(calibrated(x))
   from sklearn import metrics  # pylint: disable=g-import-not-at-top
@@ -162,7 +163,7 @@ def test_audiovisual_teacher_scores_follow_the_fusion_model(av_system):
                                 teacher_audio_model=av_system["audio"],
                                 teacher_visual_model=av_system["visual"],
                                 teacher_fusion_model=av_system["fusion"])
-  teacher = training.distillation_teacher(config, training.load_data(config))
+  teacher = distillation.distillation_teacher(config, training.load_data(config))
   audio = keras.models.load_model(av_system["audio"])
   visual = keras.models.load_model(av_system["visual"])
   fused = keras.models.load_model(av_system["fusion"])
@@ -176,7 +177,7 @@ def test_audiovisual_teacher_scores_follow_the_fusion_model(av_system):
                     "visual_present": tf.constant(x["has_video"][:, None], tf.float32)})
   np.testing.assert_allclose(teacher(x), expected, atol=1e-5)
   # Gated: alpha_a * fused + (1 - alpha_a) * audio, alpha_a from the attention fusion.
-  gated = training.distillation_teacher(dataclasses.replace(config, distill_gate=True),
+  gated = distillation.distillation_teacher(dataclasses.replace(config, distill_gate=True),
                                         training.load_data(config))
   inputs = {"h_audio": audio(x["log_mel"]), "h_visual": visual(x["embedding_mean"]),
             "audio_present": ones,
@@ -223,6 +224,7 @@ def test_binary_errors(av_system, tmp_path):
 
 def test_unlabeled_clips_are_prepared_and_masked(tmp_path):
   from data_prep import featurize, inputs, prepare  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import dataset_info  # pylint: disable=g-import-not-at-top
   from av_sound_tf.core import schema  # pylint: disable=g-import-not-at-top
   from av_sound_tf.train import pipeline  # pylint: disable=g-import-not-at-top
   clip = shared_path("esc10", "001 - Dog bark", "1-100032-A.ogg")
@@ -234,8 +236,8 @@ def test_unlabeled_clips_are_prepared_and_masked(tmp_path):
   assert [j.labeled for j in found.jobs] == [True, False] and not found.problems
   out = str(tmp_path / "out")
   prepare.prepare(found, featurize.PrepareConfig(output_dir=out), num_workers=0)
-  info = schema.read_dataset_info(out)
-  assert info["splits"]["data"]["num_unlabeled"] == 1
+  info = dataset_info.DatasetInfo.read(out)
+  assert info.splits["data"]["num_unlabeled"] == 1
   files = schema.list_shards(out, "data")
   assert [int(e["labeled"]) for e in schema.read_examples(files, 1)] == [1, 0]
   cfg = pipeline.InputConfig(kind="audio", num_classes=1, batch_size=2, num_frames=128,
@@ -245,7 +247,7 @@ def test_unlabeled_clips_are_prepared_and_masked(tmp_path):
   # The label term ignores it: the loss equals one computed without that row's labels.
   q = np.array([[0.9], [0.2]], "float32")
   p = np.array([[0.6], [0.7]], "float32")
-  distiller = training.Distiller(keras.Sequential([keras.Input([1])]), _Fixed(q), alpha=0.5)
+  distiller = distillation.Distiller(keras.Sequential([keras.Input([1])]), _Fixed(q), alpha=0.5)
   distiller.compile(loss=keras.losses.BinaryCrossentropy())
   got = float(distiller.compute_loss(tf.zeros([2, 1]), tf.constant([[1.0], [-1.0]]),
                                      tf.constant(p)))

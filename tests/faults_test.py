@@ -22,6 +22,8 @@ import tensorflow as tf
 from av_sound_tf.core import features
 from av_sound_tf.core import labels
 from av_sound_tf.core import schema
+from av_sound_tf.train import callbacks
+from av_sound_tf.train import distillation
 from av_sound_tf.train import training
 from data_prep import featurize
 from data_prep import inputs
@@ -312,7 +314,7 @@ def test_non_finite_features_never_reach_the_loss(prepared, tmp_path):
 
 
 def test_diverging_loss_stops_with_a_clear_error():
-  callback = training.StopOnNonFiniteLoss()
+  callback = callbacks.StopOnNonFiniteLoss()
   callback.on_train_batch_end(0, {"loss": 0.5})
   with pytest.raises(FloatingPointError, match="loss became nan at batch 3"):
     callback.on_train_batch_end(3, {"loss": float("nan")})
@@ -420,7 +422,8 @@ def test_models_with_code_are_refused(tmp_path):
                                                   str(tmp_path / "serving")),
       "tflite": lambda: tflite.convert(path, str(tmp_path / "l.csv"), str(tmp_path / "lite"),
                                        variants=("float32",)),
-      "training": lambda: training._load(path, "Teacher"),  # pylint: disable=protected-access
+      "training": lambda: distillation.distillation_teacher(
+          training.TrainConfig("audio", "", teacher_audio_model=path), None),
   }
   for name, load in loaders.items():
     with pytest.raises(model_files.UnsafeModelError) as refused:

@@ -1,6 +1,7 @@
 """Fusion models, the attention layer, training statistics, missing modalities, the
 synthetic truth test and the report."""
 
+import csv
 import os
 
 import keras
@@ -8,11 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from av_sound_tf.core import dataset_info
+from av_sound_tf.core import schema
+from av_sound_tf.evaluate import report
 from av_sound_tf.modeling import fusion
 from av_sound_tf.train import fusion_training
-from av_sound_tf.evaluate import predict
-from av_sound_tf.evaluate import report
-from av_sound_tf.core import schema
 from data_prep import synthetic_predictions
 from tests import test_case
 from tests.conftest import run_binary
@@ -163,8 +164,9 @@ def test_missing_modality_gives_finite_defined_outputs(kind, variant):
 
 
 def test_statistics_come_from_the_training_split_only(predictions):
-  train = predict.prediction_file(predictions, "train")
-  stats = predict.training_statistics(train, C)
+  info = dataset_info.PredictionsInfo.read(predictions)
+  train = info.file("train")
+  stats = fusion_training.training_statistics(train, C)
   h_a, present = [], []
   for record in tf.data.TFRecordDataset(train):
     ex = schema.parse_prediction_example(record, C)
@@ -173,7 +175,7 @@ def test_statistics_come_from_the_training_split_only(predictions):
   h_a, present = np.array(h_a), np.array(present) > 0
   np.testing.assert_allclose(stats["audio_mean"], h_a[present].mean(axis=0), atol=1e-6)
   np.testing.assert_allclose(stats["audio_variance"], h_a[present].var(axis=0), atol=1e-6)
-  evaluation = predict.training_statistics(predict.prediction_file(predictions, "eval"), C)
+  evaluation = fusion_training.training_statistics(info.file("eval"), C)
   assert not np.allclose(evaluation["audio_mean"], stats["audio_mean"])
 
 
@@ -186,7 +188,7 @@ def test_attention_beats_average_and_alpha_follows_the_truth(predictions, tmp_pa
                                           epochs=12, batch_size=32, learning_rate=3e-3,
                                           verbose=0)
     results[kind] = fusion_training.train_fusion(config)
-  eval_path = predict.prediction_file(predictions, "eval")
+  eval_path = dataset_info.PredictionsInfo.read(predictions).file("eval")
   from av_sound_tf.core import metrics
   maps = {}
   for kind in results:
@@ -217,6 +219,68 @@ def test_attention_beats_average_and_alpha_follows_the_truth(predictions, tmp_pa
   assert "AP Audio" in header and "mean alpha_audio" in header
 
 
+class _Killed(Exception):
+  pass
+
+
+class _KillAfterAWorseEpoch(keras.callbacks.Callback):
+  """Stops training like a kill at the end of the first epoch whose val_mAP is below the best
+  so far (after the checkpoint, the history and the backup have seen that epoch)."""
+
+  def __init__(self):
+    super().__init__()
+    self.val_maps = []
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.val_maps.append(logs["val_mAP"])
+    if logs["val_mAP"] < max(self.val_maps):
+      raise _Killed(f"killed after epoch {epoch}")
+
+
+def _write_misleading_predictions(out):
+  """Synthetic predictions whose validation labels are the complement of the truth: the
+  better a fusion model fits the training split, the lower its validation mAP, so the
+  validation mAP keeps falling after the first epoch."""
+  write_synthetic_predictions(out, sizes=(("train", 600), ("validation", 200)))
+  path = os.path.join(out, "validation.tfrecord")
+  clips = [schema.parse_prediction_example(r, C) for r in tf.data.TFRecordDataset(path)]
+  with tf.io.TFRecordWriter(path) as w:
+    for ex in clips:
+      w.write(schema.make_prediction_example(
+          ex["clip_id"].numpy(), np.flatnonzero(ex["labels"].numpy() < 0.5),
+          ex["h_audio"].numpy(), ex["h_visual"].numpy(), int(ex["audio_present"][0]),
+          int(ex["visual_present"][0])).SerializeToString())
+  return out
+
+
+def test_resumed_fusion_run_keeps_the_best_epoch(tmp_path):
+  """A fusion run killed after an epoch worse than its best, then resumed: best.weights.h5
+  (and so model.keras) must still hold the best epoch of the whole run, not the best epoch
+  since the restart (the checkpoint's threshold comes back from history.csv)."""
+  from av_sound_tf.core import metrics  # pylint: disable=g-import-not-at-top
+  predictions = _write_misleading_predictions(str(tmp_path / "predictions"))
+  config = fusion_training.FusionConfig(predictions, str(tmp_path / "mlp"), fusion="mlp",
+                                        epochs=6, batch_size=32, learning_rate=1e-4,
+                                        verbose=0)
+  kill = _KillAfterAWorseEpoch()
+  with pytest.raises(_Killed):
+    fusion_training.train_fusion(config, extra_callbacks=[kill])
+  summary = fusion_training.train_fusion(config)  # resumes from the backup
+  with open(tmp_path / "mlp" / "history.csv") as f:
+    history = [float(row["val_mAP"]) for row in csv.DictReader(f)]
+  before, after = history[:len(kill.val_maps)], history[len(kill.val_maps):]
+  assert len(history) == 6 and before == pytest.approx(kill.val_maps)
+  # Every epoch after the restart is worse than the best before it (what the test needs).
+  assert 2 <= len(before) and max(after) < max(before), history
+  model = keras.models.load_model(summary["model"])
+  model.load_weights(str(tmp_path / "mlp" / "best.weights.h5"))
+  y, scores, _, _ = fusion_training.predict_fusion(
+      model, os.path.join(predictions, "validation.tfrecord"), C)
+  assert metrics.evaluate(y, scores).mean_average_precision == pytest.approx(
+      max(history), abs=1e-6)
+  assert summary["mAP"] == pytest.approx(max(history), abs=1e-6)
+
+
 def test_binaries(tmp_path):
   """bin/predict -> bin/train_fusion -> bin/report on tiny trained models."""
   from av_sound_tf.train import training
@@ -236,8 +300,8 @@ def test_binaries(tmp_path):
   res = run("predict", f"--audio_model={audio['model']}", f"--visual_model={visual['model']}",
             f"--data_dir={data}", f"--output_dir={preds}")
   assert res.returncode == 0, res.stderr[-3000:]
-  info = predict.read_predictions_info(preds)
-  assert {s: v["num_examples"] for s, v in info["splits"].items()} == {
+  info = dataset_info.PredictionsInfo.read(preds)
+  assert {s: info.num_examples(s) for s in info.splits} == {
       "train": 24, "validation": 12, "eval": 12}
   models = []
   for kind in ("average", "mlp"):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from av_sound_tf.train import pipeline
+from av_sound_tf.core import dataset_info
 from av_sound_tf.core import schema
+from av_sound_tf.train import pipeline
 from tests import synthetic
 from tests.schema_test import _audioset_example
 
@@ -127,10 +128,10 @@ def test_class_balance_weights(data):
   assert float(np.dot([10, 5, 0, 85], terms)) == pytest.approx(100.0, rel=1e-6)
   assert terms[1] > terms[0] > terms[3] and terms[2] == 0
   files = schema.list_shards(out, "train")
-  info = schema.read_dataset_info(out)
+  info = dataset_info.DatasetInfo.read(out)
   cfg = _cfg(balance=True, batch_size=30, num_frames=96)
   x, y, w = _take(pipeline.train_dataset(files, cfg, num_examples=30,
-                                         class_counts=info["splits"]["train"]["class_counts"]),
+                                         class_counts=info.class_counts(["train"])),
                   1)[0]
   assert w.shape == (30,) and np.mean(w) == pytest.approx(1.0, rel=1e-5)
   with pytest.raises(ValueError, match="class_counts"):

@@ -10,6 +10,8 @@ import keras
 import numpy as np
 import pytest
 
+from av_sound_tf.train import distillation
+from av_sound_tf.train import distribution
 from av_sound_tf.train import training
 from tests import synthetic
 from tests.conftest import REPO, run_binary
@@ -32,8 +34,9 @@ def test_two_replica_mirrored_training_equals_one_replica(prepared, tmp_path):
   script = textwrap.dedent("""
       import json, sys
       import keras, numpy as np
+      from av_sound_tf.train import distribution
       from av_sound_tf.train import training
-      training.configure_cpu_replicas(2)
+      distribution.configure_cpu_replicas(2)
       results = {}
       for strategy in ("mirrored", "default"):
         config = training.TrainConfig(
@@ -43,7 +46,7 @@ def test_two_replica_mirrored_training_equals_one_replica(prepared, tmp_path):
             model_selection="last")
         summary = training.train(config)
         model = keras.models.load_model(summary["model"])
-        assert type(model.optimizer) is training.ReplicaMeanAdam, type(model.optimizer)
+        assert type(model.optimizer) is distribution.ReplicaMeanAdam, type(model.optimizer)
         replicas = json.load(open(f"{config.model_dir}/config.json"))["num_replicas"]
         results[strategy] = {
             "replicas": replicas,
@@ -178,10 +181,10 @@ def test_audio_training_outputs_and_secost(prepared, tmp_path):
   assert saved["secost_alpha"] == 0.25
 
   stage0, stage1 = probe.stages
-  assert not isinstance(stage0["model"], training.Distiller)
+  assert not isinstance(stage0["model"], distillation.Distiller)
   assert stage0["loss"] == pytest.approx(_bce(y, p), rel=1e-5)  # the labels only
   distiller = stage1["model"]
-  assert isinstance(distiller, training.Distiller) and distiller.alpha == 0.25
+  assert isinstance(distiller, distillation.Distiller) and distiller.alpha == 0.25
   teacher = keras.models.load_model(os.path.join(model_dir, "stage0", "model.keras"))
   for a, b in zip(distiller.teacher.get_weights(), teacher.get_weights()):
     np.testing.assert_array_equal(a, b)  # the teacher is stage 0's selected model
@@ -215,7 +218,7 @@ def test_config_errors(prepared, tmp_path):
   with pytest.raises(ValueError, match="Split 'nope'"):
     training.train(_config(prepared, str(tmp_path / "x"), train_splits=("nope",)))
   with pytest.raises(ValueError, match="Unknown strategy"):
-    training.get_strategy("tpu_pod")
+    distribution.get_strategy("tpu_pod")
 
 
 def test_train_and_evaluate_binaries(prepared, tmp_path):
@@ -289,30 +292,30 @@ _CPUINFO_ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sha2 crc32 bf16
 
 
 def test_bfloat16_warning_detects_cpus_without_native_bfloat16():
-  assert training.cpu_flags(_CPUINFO_AVX512_BF16) >= {"avx512f", "avx512_bf16"}
-  warn = lambda cpuinfo, gpus=(): training.bfloat16_warning(  # pylint: disable=unnecessary-lambda-assignment
+  assert distribution.cpu_flags(_CPUINFO_AVX512_BF16) >= {"avx512f", "avx512_bf16"}
+  warn = lambda cpuinfo, gpus=(): distribution.bfloat16_warning(  # pylint: disable=unnecessary-lambda-assignment
       "mixed_bfloat16", cpuinfo, list(gpus))
-  assert warn(_CPUINFO_AVX512_NO_BF16) == training.BFLOAT16_SLOW_WARNING
-  assert "10x slower" in training.BFLOAT16_SLOW_WARNING
-  assert "--precision=float32" in training.BFLOAT16_SLOW_WARNING
-  assert warn("processor\t: 0\nflags\t\t: fpu sse2 avx2\n") == training.BFLOAT16_SLOW_WARNING
+  assert warn(_CPUINFO_AVX512_NO_BF16) == distribution.BFLOAT16_SLOW_WARNING
+  assert "10x slower" in distribution.BFLOAT16_SLOW_WARNING
+  assert "--precision=float32" in distribution.BFLOAT16_SLOW_WARNING
+  assert warn("processor\t: 0\nflags\t\t: fpu sse2 avx2\n") == distribution.BFLOAT16_SLOW_WARNING
   for native in (_CPUINFO_AVX512_BF16, _CPUINFO_AMX, _CPUINFO_ARM):
     assert warn(native) is None, native
   assert warn("") is None  # nothing known (no /proc/cpuinfo): nothing said
   assert warn(_CPUINFO_AVX512_NO_BF16, [(9, 0)]) is None  # a bfloat16 GPU does the work
   assert warn(_CPUINFO_AVX512_NO_BF16, [None]) is None  # a GPU of unknown capability
   assert "compute capability 7.5" in warn(_CPUINFO_AVX512_NO_BF16, [(7, 5)])
-  assert training.bfloat16_warning("float32", _CPUINFO_AVX512_NO_BF16, []) is None
+  assert distribution.bfloat16_warning("float32", _CPUINFO_AVX512_NO_BF16, []) is None
 
 
 def test_bfloat16_warning_is_logged_at_the_start_of_training(monkeypatch, caplog, tmp_path):
-  monkeypatch.setattr(training, "_read_cpuinfo", lambda: _CPUINFO_AVX512_NO_BF16)
-  monkeypatch.setattr(training, "_gpu_capabilities", lambda: [])
+  monkeypatch.setattr(distribution, "_read_cpuinfo", lambda: _CPUINFO_AVX512_NO_BF16)
+  monkeypatch.setattr(distribution, "_gpu_capabilities", lambda: [])
   config = _config(str(tmp_path / "no_data"), str(tmp_path / "m"), precision="mixed_bfloat16")
   with pytest.raises(FileNotFoundError):  # the warning comes first, before the data
     training.train(config)
   assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-      training.BFLOAT16_SLOW_WARNING]
+      distribution.BFLOAT16_SLOW_WARNING]
   caplog.clear()
   with pytest.raises(FileNotFoundError):
     training.train(_config(str(tmp_path / "no_data"), str(tmp_path / "m")))  # float32

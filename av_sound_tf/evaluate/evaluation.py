@@ -2,12 +2,12 @@
 
 import tensorflow as tf
 
+from av_sound_tf.core import dataset_info
 from av_sound_tf.core import files
-from av_sound_tf.core import labels as labels_lib
 from av_sound_tf.core import metrics as metrics_lib
 from av_sound_tf.core import model_files
-from av_sound_tf.train import pipeline
 from av_sound_tf.core import schema
+from av_sound_tf.train import pipeline
 
 
 def model_kind(model) -> str:
@@ -28,27 +28,22 @@ def evaluate_model(model_path, data_dir, splits, output_dir, batch_size=32,
   d_prime) and ``summary.json`` (mAP, mAUC, d', counts, excluded classes, accuracy for
   single-label data) to `output_dir`; returns the summary.
   """
-  if not tf.io.gfile.exists(model_path):
-    raise FileNotFoundError(f"Model not found: {model_path}")
   model = model_files.load_keras_model(model_path)
-  info = schema.read_dataset_info(data_dir)
-  label_map = labels_lib.LabelMap.from_csv(tf.io.gfile.join(data_dir, info["labels_file"]))
-  if getattr(model, "num_classes", info["num_classes"]) != info["num_classes"]:
+  info = dataset_info.DatasetInfo.read(data_dir)
+  label_map = info.label_map()
+  if getattr(model, "num_classes", info.num_classes) != info.num_classes:
     raise ValueError(f"The model predicts {model.num_classes} classes but {data_dir} has "
-                     f"{info['num_classes']}.")
+                     f"{info.num_classes}.")
   kind = model_kind(model)
   shards = []
   for split in splits:
-    shards.extend(schema.list_shards(data_dir, split))
+    shards.extend(info.shards(split))
   # An evaluation on part of a split would be a silently different number: damaged or
   # truncated shards stop it, naming the file.
-  expected = sum(info["splits"].get(s, {}).get("num_examples", 0) for s in splits)
-  schema.check_shards(shards, expected_records=expected if all(
-      s in info["splits"] for s in splits) else None)
-  config = pipeline.InputConfig(
-      kind=kind, num_classes=info["num_classes"], batch_size=batch_size,
-      num_frames=getattr(model, "num_frames", None) or 1024,
-      embedding_dim=int(info.get("embedding_dim") or 0), eval_crop=eval_crop)
+  schema.check_shards(shards, expected_records=info.num_examples(splits))
+  config = pipeline.input_config(info, kind, batch_size,
+                                 num_frames=getattr(model, "num_frames", None) or 1024,
+                                 eval_crop=eval_crop)
   labels, scores = metrics_lib.predict_dataset(model, pipeline.eval_dataset(shards, config))
   ev, summary = metrics_lib.summarize(labels, scores)
   summary.update(model=model_path, data_dir=data_dir, splits=list(splits))

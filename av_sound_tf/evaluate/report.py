@@ -20,13 +20,12 @@ The "main" fusion model is the multimodal attention model when present, else the
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf.core import dataset_info
 from av_sound_tf.core import files
-from av_sound_tf.train import fusion_training
-from av_sound_tf.core import labels as labels_lib
 from av_sound_tf.core import metrics as metrics_lib
 from av_sound_tf.core import model_files
-from av_sound_tf.evaluate import predict
-from av_sound_tf.core import schema
+from av_sound_tf.train import fusion_training
+from av_sound_tf.train import pipeline
 
 
 def _plt():
@@ -43,7 +42,7 @@ def _integer_ticks():
 
 def _load_single_modal(path, num_classes):
   labels, h_a, h_v, present = [], [], [], []
-  for inputs, y in predict.prediction_dataset(path, num_classes, 1024):
+  for inputs, y in pipeline.prediction_dataset(path, num_classes, 1024):
     labels.append(y.numpy())
     h_a.append(inputs["h_audio"].numpy())
     h_v.append(inputs["h_visual"].numpy())
@@ -58,18 +57,15 @@ def _fmt(x, scale=100.0):
 
 def write_report(predictions_dir, model_paths, output_dir, split="eval", top_k=10) -> dict:
   """Evaluates and writes the report; returns {"report": path, "rows": [...], ...}."""
-  info = predict.read_predictions_info(predictions_dir)
-  num_classes = info["num_classes"]
-  label_map = labels_lib.LabelMap.from_csv(
-      tf.io.gfile.join(predictions_dir, info.get("labels_file", schema.LABELS_FILE)))
-  path = predict.prediction_file(predictions_dir, split)
+  info = dataset_info.PredictionsInfo.read(predictions_dir)
+  num_classes = info.num_classes
+  label_map = info.label_map()
+  path = info.file(split)
   labels, h_a, h_v, present = _load_single_modal(path, num_classes)
   results = [("Audio", metrics_lib.evaluate(labels, h_a), None, None),
              ("Visual", metrics_lib.evaluate(labels, h_v), None, None)]
   for model_path in model_paths:
-    if not tf.io.gfile.exists(model_path):
-      raise FileNotFoundError(f"Fusion model not found: {model_path}")
-    model = model_files.load_keras_model(model_path)
+    model = model_files.load_keras_model(model_path, "Fusion model")
     y, scores, alpha, _ = fusion_training.predict_fusion(model, path, num_classes)
     results.append((model.display_name, metrics_lib.evaluate(y, scores), alpha, model))
   fused = results[2:]

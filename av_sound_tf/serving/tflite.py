@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from av_sound_tf.serving import export
+from av_sound_tf.core import dataset_info
 from av_sound_tf.core import features
 from av_sound_tf.core import files
 from av_sound_tf.core import media
@@ -152,9 +153,9 @@ def representative_windows(data_dir: str, split: str, samples: int, count: int =
                            seed: int = 0) -> Iterable[np.ndarray]:
   """Waveform windows decoded from the source files of a prepared split (for int8)."""
   rng = np.random.default_rng(seed)
-  info = schema.read_dataset_info(data_dir)
+  info = dataset_info.DatasetInfo.read(data_dir)
   produced = 0
-  for ex in schema.read_examples(schema.list_shards(data_dir, split), info["num_classes"]):
+  for ex in schema.read_examples(info.shards(split), info.num_classes):
     path = ex["source_path"].numpy().decode()
     try:
       y = media.decode_audio(path)

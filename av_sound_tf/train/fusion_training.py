@@ -1,8 +1,9 @@
 """Training and evaluating fusion models on model outputs written by bin/predict.
 
-Paper 4.2: Adam, 100 epochs, batch 256, model selection on validation mAP; inputs
-standardized with statistics of the training split only (stored in the model). Average
-fusion has no parameters: it is built, saved and evaluated without training.
+Paper 4.2: Adam, 100 epochs, batch 256, model selection on validation mAP (through
+`fit.fit_and_select`, like every other model); inputs standardized with statistics of the
+training split only (`training_statistics`, stored in the model). Average fusion has no
+parameters: it is built, saved and evaluated without training.
 """
 
 import dataclasses
@@ -12,11 +13,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf.core import dataset_info
 from av_sound_tf.core import files
-from av_sound_tf.modeling import fusion
 from av_sound_tf.core import metrics as metrics_lib
-from av_sound_tf.evaluate import predict
-from av_sound_tf.train import training
+from av_sound_tf.modeling import fusion
+from av_sound_tf.train import fit
+from av_sound_tf.train import pipeline
 
 
 @dataclasses.dataclass
@@ -52,40 +54,59 @@ def build(config: FusionConfig, num_classes: int, stats=None) -> fusion.FusionMo
                                         f"_{config.variant}"))
 
 
-def train_fusion(config: FusionConfig, overwrite=False) -> dict:
-  """Trains (or, for average fusion, builds) a fusion model; returns its validation summary."""
+def training_statistics(path, num_classes):
+  """Per-class mean and variance of h_audio and h_visual over the clips where the modality is
+  present, streamed over one prediction file (the training split's)."""
+  sums = {k: np.zeros(num_classes) for k in ("audio", "visual")}
+  squares = {k: np.zeros(num_classes) for k in ("audio", "visual")}
+  counts = {"audio": 0.0, "visual": 0.0}
+  for inputs, _ in pipeline.prediction_dataset(path, num_classes, 1024):
+    for k, h, p in (("audio", "h_audio", "audio_present"), ("visual", "h_visual",
+                                                            "visual_present")):
+      x = inputs[h].numpy().astype(np.float64)
+      m = inputs[p].numpy().astype(np.float64)
+      sums[k] += (x * m).sum(axis=0)
+      squares[k] += (x * x * m).sum(axis=0)
+      counts[k] += m.sum()
+  stats = {}
+  for k in ("audio", "visual"):
+    if counts[k] == 0:
+      raise ValueError(f"{path}: no clip has the {k} modality; cannot standardize it.")
+    mean = sums[k] / counts[k]
+    stats[f"{k}_mean"] = mean
+    stats[f"{k}_variance"] = np.maximum(squares[k] / counts[k] - mean ** 2, 0.0)
+  return stats
+
+
+def train_fusion(config: FusionConfig, overwrite=False, extra_callbacks=()) -> dict:
+  """Trains (or, for average fusion, builds) a fusion model; returns its validation summary.
+
+  Training goes through `fit.fit_and_select`, as every model's: a model_dir holding an
+  interrupted run is resumed, keeping the best epoch of the whole run. `extra_callbacks`
+  are added to the fit (tests' probes).
+  """
   if overwrite and tf.io.gfile.exists(config.model_dir):
     tf.io.gfile.rmtree(config.model_dir)
   if tf.io.gfile.exists(tf.io.gfile.join(config.model_dir, "validation_metrics.json")):
     raise ValueError(f"{config.model_dir} holds a finished run; use another --model_dir or "
                      "--overwrite.")
   keras.utils.set_random_seed(config.seed)
-  info = predict.read_predictions_info(config.predictions_dir)
-  num_classes = info["num_classes"]
-  train_path = predict.prediction_file(config.predictions_dir, config.train_split)
-  val_path = predict.prediction_file(config.predictions_dir, config.validation_split)
+  info = dataset_info.PredictionsInfo.read(config.predictions_dir)
+  num_classes = info.num_classes
+  train_path = info.file(config.train_split)
+  val_path = info.file(config.validation_split)
   tf.io.gfile.makedirs(config.model_dir)
-  val_ds = predict.prediction_dataset(val_path, num_classes, config.batch_size)
-  stats = None if config.fusion == "average" else predict.training_statistics(
-      train_path, num_classes)
+  val_ds = pipeline.prediction_dataset(val_path, num_classes, config.batch_size)
+  stats = None if config.fusion == "average" else training_statistics(train_path, num_classes)
   model = build(config, num_classes, stats)
   if config.fusion != "average":
-    train_ds = predict.prediction_dataset(
+    train_ds = pipeline.prediction_dataset(
         train_path, num_classes, config.batch_size, shuffle_seed=config.seed,
-        num_examples=info["splits"][config.train_split].get("num_examples"))
+        num_examples=info.num_examples(config.train_split))
     model.compile(keras.optimizers.Adam(config.learning_rate),
                   keras.losses.BinaryCrossentropy())
-    best_path = tf.io.gfile.join(config.model_dir, "best.weights.h5")
-    history_path = tf.io.gfile.join(config.model_dir, "history.csv")
-    callbacks = [
-        training.BackupAndRestore(tf.io.gfile.join(config.model_dir, "backup")),
-        metrics_lib.ValidationMAP(val_ds),
-        keras.callbacks.ModelCheckpoint(best_path, monitor="val_mAP", mode="max",
-                                        save_best_only=True, save_weights_only=True),
-        keras.callbacks.CSVLogger(history_path, append=True),
-    ]
-    model.fit(train_ds, epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
-    model.load_weights(best_path)
+    fit.fit_and_select(model, train_ds, val_ds, config.model_dir, epochs=config.epochs,
+                       extra_callbacks=extra_callbacks, verbose=config.verbose)
   path = tf.io.gfile.join(config.model_dir, "model.keras")
   model.save(path)
   labels, scores = metrics_lib.predict_dataset(model, val_ds)
@@ -104,7 +125,7 @@ def predict_fusion(model, path, num_classes, batch_size=1024):
   attention = model.fusion == "attention"
   view = fusion.with_attention_weights(model) if attention else model
   all_labels, all_scores, all_alpha, presence = [], [], [], []
-  for inputs, labels in predict.prediction_dataset(path, num_classes, batch_size):
+  for inputs, labels in pipeline.prediction_dataset(path, num_classes, batch_size):
     out = view(inputs, training=False)
     if attention:
       all_scores.append(np.asarray(out["fused_scores"]))

@@ -1,4 +1,5 @@
-"""tf.data input pipelines: prepared shards (or AudioSet's released features) -> batches.
+"""tf.data input pipelines: prepared shards (or AudioSet's released features) -> batches,
+and bin/predict's model outputs -> fusion batches (`prediction_dataset`).
 
 The canonical order (TF guide "Better performance with the tf.data API"; official
 ``core/input_reader.py``):
@@ -44,6 +45,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf.core import dataset_info as dataset_info_lib
 from av_sound_tf.core import features as features_lib
 from av_sound_tf.core import schema
 
@@ -89,7 +91,25 @@ class InputConfig:
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1. Received: {self.batch_size}")
     if self.kind in ("visual", "audiovisual") and self.embedding_dim < 1:
-      raise ValueError("The visual pipeline needs embedding_dim (dataset_info.json has it).")
+      raise ValueError("The visual pipeline needs embedding_dim (the prepared data's info "
+                       "has it).")
+
+
+def input_config(info: Optional[dataset_info_lib.DatasetInfo], kind: str, batch_size: int,
+                 **overrides) -> InputConfig:
+  """The InputConfig of prepared data: classes and embedding size from its `info`.
+
+  Args:
+    info: the prepared-data folder's info; None for AudioSet's released features, whose
+      ``num_classes`` then comes in `overrides`.
+    kind: see `InputConfig`.
+    batch_size: the global batch size.
+    **overrides: any other `InputConfig` field (a run's crops, augmentation, seed).
+  """
+  fields = {} if info is None else dict(num_classes=info.num_classes,
+                                        embedding_dim=info.embedding_dim)
+  fields.update(overrides)
+  return InputConfig(kind=kind, batch_size=batch_size, **fields)
 
 
 def _parse_fn(config):
@@ -265,7 +285,7 @@ def train_dataset(files: Sequence[str], config: InputConfig, num_examples: Optio
   if not files:
     raise ValueError("No training files.")
   if config.balance and class_counts is None:
-    raise ValueError("balance=True needs class_counts (dataset_info.json has them).")
+    raise ValueError("balance=True needs class_counts (the prepared data's info has them).")
   files, record_shard = _shard(list(files), input_context)
 
   def one_pass(epoch):
@@ -361,3 +381,28 @@ def eval_dataset(files: Sequence[str], config: InputConfig, with_ids: bool = Fal
 
   ds = ds.map(to_features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def prediction_dataset(path: str, num_classes: int, batch_size: int,
+                       shuffle_seed: Optional[int] = None, buffer: int = 10000,
+                       with_ids: bool = False,
+                       num_examples: Optional[int] = None) -> tf.data.Dataset:
+  """bin/predict's model outputs (`schema.PREDICTION_SPEC`) as fusion batches: (inputs dict
+  for `fusion.FusionModel`, labels[, clip_ids]).
+
+  `num_examples` (from the predictions' info) declares the cardinality so that Keras knows
+  the epoch length; `shuffle_seed` reshuffles every epoch (training).
+  """
+  ds = tf.data.TFRecordDataset(path)
+  if num_examples:
+    ds = ds.apply(tf.data.experimental.assert_cardinality(num_examples))
+  if shuffle_seed is not None:
+    ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+
+  def split(ex):
+    inputs = {k: ex[k] for k in ("h_audio", "h_visual", "audio_present", "visual_present")}
+    return (inputs, ex["labels"], ex["clip_id"]) if with_ids else (inputs, ex["labels"])
+
+  ds = ds.map(lambda s: split(schema.parse_prediction_example(s, num_classes)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
