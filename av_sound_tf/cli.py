@@ -1,20 +1,33 @@
 """Shared plumbing for the absl binaries in bin/: quiet logs and clear errors.
 
-A binary's ``main`` raises `UsageError` (bad flags) or lets library errors such as
-``ValueError``/``FileNotFoundError`` escape; `run` turns them into one line on stderr and
-exit status 2 instead of a stack trace. ``--verbosity=1`` (or ``AV_SOUND_TF_DEBUG=1``)
-shows the trace for debugging.
+Binaries import the installed package (``make install`` installs it editable) and never
+touch ``sys.path``. Required flags are marked with absl's ``flags.mark_flags_as_required``
+and enum flags take their values from the library's own tuples, so a flag accepts exactly
+what the code that interprets it knows.
+
+A required flag left out or a bad flag value is reported by `run` as one line on stderr
+(``tag: error: --model is required``; other flag errors in absl's words), exit status 1,
+before ``main`` starts. A binary's ``main`` raises `UsageError` (bad
+flag combinations) or lets library errors such as ``ValueError``/``FileNotFoundError``
+escape; `run` turns them into one line on stderr and exit status 2 instead of a stack
+trace. ``--verbosity=1`` (or ``AV_SOUND_TF_DEBUG=1``) shows the trace for debugging.
 """
 
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 
 UsageError = app.UsageError
+
+# --input of bin/train_audio: prepared log-mel shards, or AudioSet's released VGGish
+# features (train_config_from_flags turns it into TrainConfig.kind).
+AUDIO_INPUTS = ("log_mel", "audioset_embeddings")
 
 # Errors that carry a message meant for the user.
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
@@ -26,6 +39,42 @@ def _is_user_error(error):
     return True
   tf = sys.modules.get("tensorflow")  # tf.io.gfile raises tf.errors.NotFoundError etc.
   return tf is not None and isinstance(error, tf.errors.OpError)
+
+
+# absl's message for a flag marked required (flags.mark_flag_as_required) and left out.
+_MISSING_REQUIRED = re.compile(r"flag --(\w+)=None: Flag --\1 must have a value other than "
+                               r"None\.")
+
+
+def _flag_error_line(error: Exception) -> str:
+  """absl's flag error (one line per failed check) as one line; the flags marked required
+  and left out are named together: ``--model and --labels are required``."""
+  missing, other = [], []
+  for line in str(error).splitlines():
+    match = _MISSING_REQUIRED.fullmatch(line.strip())
+    if match:
+      missing.append(f"--{match.group(1)}")
+    elif line.strip():
+      other.append(line.strip())
+  if missing:
+    names = missing[0] if len(missing) == 1 else (f"{', '.join(missing[:-1])} and "
+                                                  f"{missing[-1]}")
+    other.insert(0, f"{names} {'is' if len(missing) == 1 else 'are'} required")
+  return "; ".join(other)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a missing or bad flag reported as one line (exit status 1).
+
+  absl's own parser prints a "FATAL Flags parsing error" block (one line per failed check,
+  then a hint). --helpfull and the other help flags still print and exit from inside.
+  """
+  try:
+    return absl_flags.FLAGS(argv)
+  except absl_flags.Error as e:
+    print(f"{os.path.basename(argv[0])}: error: {_flag_error_line(e)} (--helpfull lists the "
+          "flags)", file=sys.stderr)
+    sys.exit(1)
 
 
 def run(main):
@@ -51,13 +100,24 @@ def run(main):
   import logging as py_logging  # pylint: disable=g-import-not-at-top
   for logger in ("tensorflow", "apache_beam"):
     py_logging.getLogger(logger).setLevel(py_logging.WARNING)
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=_parse_flags)
 
 
 def define_train_flags(flags, kind, batch_size, epochs, architecture="mil_convnet"):
-  """Flags shared by bin/train_audio, bin/train_visual and bin/distill (defaults differ)."""
-  flags.DEFINE_string("data_dir", None, "Output of bin/prepare_data (shards, "
-                      "dataset_info.json).")
+  """Flags shared by bin/train_audio, bin/train_visual and bin/distill (defaults differ).
+
+  --model_dir is required (and --data_dir for kind="visual"); enum values come from the
+  modules that interpret them.
+  """
+  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.modeling import models
+  from av_sound_tf.train import distribution
+  from av_sound_tf.train import fit
+  from av_sound_tf.train import pipeline
+  from av_sound_tf.train import training
+  # pylint: enable=g-import-not-at-top
+  flags.DEFINE_string("data_dir", None, "bin/prepare_data's output (shards, class map and "
+                      "data set info).")
   flags.DEFINE_list("train_splits", ["train"], "Splits (shard prefixes) to train on, "
                     "e.g. 1,2,3,4 for ESC-10 folds.")
   flags.DEFINE_list("validation_splits", ["validation"], "Splits for model selection "
@@ -71,28 +131,27 @@ def define_train_flags(flags, kind, batch_size, epochs, architecture="mil_convne
   flags.DEFINE_integer("steps_per_epoch", 0, "Batches per epoch (0: one pass over the "
                        "training data). Backups happen every epoch.", lower_bound=0)
   flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0.0)
-  flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"], "constant: the "
+  flags.DEFINE_enum("lr_schedule", "constant", list(training.LR_SCHEDULES), "constant: the "
                     "paper's; cosine: decays to 0 over all epochs (steadier final weights "
                     "when --model_selection=last).")
   flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, crops).")
   flags.DEFINE_bool("deterministic", False, "Deterministic ops (slower; exact resumes).")
-  flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"],
+  flags.DEFINE_enum("precision", "float32", list(distribution.PRECISIONS),
                     "mixed_bfloat16 computes in bfloat16 with float32 weights and scores: "
                     "1.2x faster training, 2x faster inference on CPUs with AVX512-BF16/AMX "
                     "and on recent GPUs (docs/benchmarks.md), but about 10x SLOWER on a CPU "
                     "without them (no avx512_bf16/amx_bf16 in /proc/cpuinfo) and no GPU, "
                     "where bfloat16 is emulated: training then warns at the start.")
-  flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker_mirrored",
-                                             "one_device", "default"],
+  flags.DEFINE_enum("strategy", "mirrored", list(distribution.STRATEGIES),
                     "mirrored: all local GPUs (or the CPU); multi_worker_mirrored: the "
                     "workers in TF_CONFIG; one_device; default: none.")
   flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into this many logical devices "
                        "(multi-replica training without GPUs, for testing).", lower_bound=0)
   flags.DEFINE_bool("balance", False, "Class-balanced per-example loss weights "
                     "sum_c y_c / count_c (see av_sound_tf/train/pipeline.py).")
-  flags.DEFINE_enum("model_selection", "best", ["best", "last"], "best: keep the epoch with "
-                    "the highest validation mAP; last: keep the final weights (use it when "
-                    "the validation split is also the test split).")
+  flags.DEFINE_enum("model_selection", "best", list(fit.MODEL_SELECTIONS),
+                    "best: keep the epoch with the highest validation mAP; last: keep the "
+                    "final weights (use it when the validation split is also the test split).")
   flags.DEFINE_bool("verify_shards", True, "Read every shard once before training, so a "
                     "damaged file is named up front (turn off only for very large sets "
                     "already checked).")
@@ -107,21 +166,20 @@ def define_train_flags(flags, kind, batch_size, epochs, architecture="mil_convne
     flags.DEFINE_float("mixup_alpha", 0.0, "Mixup Beta(a, a); 0 disables it.",
                        lower_bound=0.0)
   else:
-    flags.DEFINE_enum("input", "log_mel", ["log_mel", "audioset_embeddings"],
+    flags.DEFINE_enum("input", "log_mel", list(AUDIO_INPUTS),
                       "log_mel: prepared shards; audioset_embeddings: AudioSet's released "
                       "VGGish feature TFRecords (--train_pattern, --validation_pattern).")
     flags.DEFINE_string("train_pattern", "", "Glob of AudioSet feature TFRecords (train).")
     flags.DEFINE_string("validation_pattern", "", "Glob of AudioSet feature TFRecords "
                         "(validation).")
-    flags.DEFINE_enum("architecture", architecture, ["mil_convnet", "mobile_mil"],
+    flags.DEFINE_enum("architecture", architecture, list(models.AUDIO_ARCHITECTURES),
                       "mil_convnet: Table 1 (14.7 M parameters, 10.7 GFLOP per 10 s); "
                       "mobile_mil: the compact on-device student (1.35 M, 0.27 GFLOP).")
-    flags.DEFINE_enum("aggregation", "average", ["average", "max", "linear_softmax",
-                                                 "attention"],
+    flags.DEFINE_enum("aggregation", "average", list(models.AGGREGATIONS),
                       "MIL aggregation g() of segment scores (paper: average).")
     flags.DEFINE_integer("num_frames", 1024, "Log-mel frames per training example "
-                         "(1024 = 10.24 s, Table 1).", lower_bound=96)
-    flags.DEFINE_enum("eval_crop", "start", ["start", "center"], "Validation crop.")
+                         "(1024 = 10.24 s, Table 1).", lower_bound=models.MIN_FRAMES)
+    flags.DEFINE_enum("eval_crop", "start", list(pipeline.EVAL_CROPS), "Validation crop.")
     flags.DEFINE_float("mixup_alpha", 0.0, "Mixup Beta(a, a); 0 disables it.",
                        lower_bound=0.0)
     flags.DEFINE_integer("time_mask", 0, "SpecAugment: max masked frames (0: off).",
@@ -132,14 +190,20 @@ def define_train_flags(flags, kind, batch_size, epochs, architecture="mil_convne
                          "training).", lower_bound=0)
     flags.DEFINE_float("secost_alpha", 0.5, "SeCoST weight of the labels against the "
                        "previous stage's scores.", lower_bound=0.0, upper_bound=1.0)
+  flags.mark_flag_as_required("model_dir")
+  if kind == "visual":
+    flags.mark_flag_as_required("data_dir")
 
 
 def train_config_from_flags(flags_values, kind):
-  """TrainConfig from parsed flag values (the binaries pass FLAGS in)."""
+  """TrainConfig from parsed flag values (the binaries pass FLAGS in).
+
+  --model_dir (and --data_dir for kind="visual") are required flags, checked by absl before
+  ``main`` runs; what depends on other flags (--data_dir or the patterns, by --input) is
+  checked here.
+  """
   from av_sound_tf.train import training  # pylint: disable=g-import-not-at-top
   f = flags_values
-  if not f.model_dir:
-    raise UsageError("--model_dir is required.")
   common = dict(
       model_dir=f.model_dir, data_dir=f.data_dir or "", train_splits=tuple(f.train_splits),
       validation_splits=tuple(f.validation_splits), width=f.width, batch_size=f.batch_size,
@@ -150,8 +214,6 @@ def train_config_from_flags(flags_values, kind):
       strategy=f.strategy, balance=f.balance, model_selection=f.model_selection,
       mixup_alpha=f.mixup_alpha, verbose=1 if f.verbose else 2)
   if kind == "visual":
-    if not f.data_dir:
-      raise UsageError("--data_dir is required.")
     return training.TrainConfig(kind="visual", dropout=f.dropout, **common)
   if f.input == "audioset_embeddings":
     if not (f.train_pattern and f.validation_pattern):
