@@ -5,6 +5,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf.core import dataset_info
 from av_sound_tf.core import labels
 from av_sound_tf.core import schema
 
@@ -12,7 +13,7 @@ from av_sound_tf.core import schema
 def write_prepared(out_dir, splits=(("train", 48), ("validation", 24)), num_classes=4,
                    num_frames=(200, 320), embedding_dim=16, shards=2, seed=0,
                    multi_label=False, unlabeled_splits=()):
-  """Writes shards, dataset_info.json and the label map like bin/prepare_data does.
+  """Writes shards, the dataset info and the label map like bin/prepare_data does.
 
   Class c lights up mel bins [8c, 8c + 8) in the log-mel and adds a direction to the
   embedding, so models can learn it. Splits in `unlabeled_splits` are written without labels
@@ -59,7 +60,7 @@ def write_prepared(out_dir, splits=(("train", 48), ("validation", 24)), num_clas
   labels.LabelMap([f"/m/c{c}" for c in range(num_classes)],
                   [f"Class {c}" for c in range(num_classes)]).to_csv(
                       os.path.join(out_dir, schema.LABELS_FILE))
-  schema.write_dataset_info(os.path.join(out_dir, schema.DATASET_INFO), {
+  dataset_info.DatasetInfo.write(out_dir, {
       "num_classes": num_classes, "labels_file": schema.LABELS_FILE,
       "modalities": ["audio", "visual"], "embedding_dim": embedding_dim,
       "splits": info_splits})

@@ -26,17 +26,14 @@ pipelines build on it. `read_audioset_embeddings` reads AudioSet's released VGGi
 (`tf.train.SequenceExample`) into the same kind of dicts.
 """
 
-import json
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from av_sound_tf.core import files
 
 SCHEMA_VERSION = 1
-DATASET_INFO = "dataset_info.json"
 LABELS_FILE = "class_labels_indices.csv"
 SHARD_SUFFIX = ".tfrecord"
 
@@ -197,23 +194,6 @@ def parse_example(serialized, num_classes: int, num_mel_bins: int = 64,
 def shard_name(prefix: str, index: int, num_shards: int) -> str:
   """``<prefix>-00000-of-00016.tfrecord``."""
   return f"{prefix}-{index:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
-
-
-def write_dataset_info(path, info: dict):
-  files.write_json(path, dict(info, schema_version=SCHEMA_VERSION), sort_keys=True)
-
-
-def read_dataset_info(data_dir) -> dict:
-  """Reads ``dataset_info.json`` written by data preparation."""
-  path = tf.io.gfile.join(data_dir, DATASET_INFO)
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {data_dir} an output of bin/prepare_data?")
-  with tf.io.gfile.GFile(path) as f:
-    info = json.load(f)
-  if info.get("schema_version") != SCHEMA_VERSION:
-    raise ValueError(f"{path}: schema_version {info.get('schema_version')} is not "
-                     f"{SCHEMA_VERSION}; re-run bin/prepare_data with this version.")
-  return info
 
 
 def list_shards(data_dir, split: str):
