@@ -24,52 +24,83 @@ DATASET_INFO = "dataset_info.json"
 PREDICTIONS_INFO = "predictions_info.json"
 
 
-def _read_json(folder, name, made_by):
-  path = tf.io.gfile.join(folder, name)
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {folder} an output of {made_by}?")
-  with tf.io.gfile.GFile(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e}); re-run {made_by}.") from None
+class _FolderInfo:
+  """A stage's output folder described by one JSON file (`FILE`, written by `MADE_BY`)."""
 
+  FILE = ""
+  MADE_BY = ""
 
-class DatasetInfo:
-  """A prepared-data folder: `DatasetInfo.read(data_dir)`; `DatasetInfo.write(...)` once."""
-
-  def __init__(self, data_dir: str, info: dict):
-    self.data_dir = data_dir
+  def __init__(self, folder: str, info: dict):
+    self.folder = folder
     self.info = info
 
-  @staticmethod
-  def path(data_dir: str) -> str:
-    return tf.io.gfile.join(data_dir, DATASET_INFO)
+  @classmethod
+  def path(cls, folder: str) -> str:
+    return tf.io.gfile.join(folder, cls.FILE)
 
   @classmethod
-  def exists(cls, data_dir: str) -> bool:
-    return tf.io.gfile.exists(cls.path(data_dir))
+  def exists(cls, folder: str) -> bool:
+    return tf.io.gfile.exists(cls.path(folder))
 
   @classmethod
-  def read(cls, data_dir: str) -> "DatasetInfo":
-    """Reads and checks ``dataset_info.json`` (its schema version must be this code's)."""
-    path = cls.path(data_dir)
-    info = _read_json(data_dir, DATASET_INFO, "bin/prepare_data")
-    if info.get("schema_version") != schema.SCHEMA_VERSION:
-      raise ValueError(f"{path}: schema_version {info.get('schema_version')} is not "
-                       f"{schema.SCHEMA_VERSION}; re-run bin/prepare_data with this version.")
-    return cls(data_dir, info)
+  def read(cls, folder: str):
+    """Reads and checks the folder's JSON file."""
+    path = cls.path(folder)
+    if not tf.io.gfile.exists(path):
+      raise FileNotFoundError(f"{path} not found: is {folder} an output of {cls.MADE_BY}?")
+    with tf.io.gfile.GFile(path) as f:
+      try:
+        info = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-run {cls.MADE_BY}.") from None
+    cls._check(path, info)
+    return cls(folder, info)
 
   @classmethod
-  def write(cls, data_dir: str, info: dict) -> "DatasetInfo":
-    """Writes ``dataset_info.json`` (data preparation's last step; atomic)."""
-    info = dict(info, schema_version=schema.SCHEMA_VERSION)
-    files.write_json(cls.path(data_dir), info, sort_keys=True)
-    return cls(data_dir, info)
+  def _check(cls, path, info):
+    del path, info
+
+  @classmethod
+  def write(cls, folder: str, info: dict):
+    """Writes the folder's JSON file (atomically: the stage's last step)."""
+    files.write_json(cls.path(folder), info, sort_keys=True)
+    return cls(folder, info)
 
   @property
   def num_classes(self) -> int:
     return int(self.info["num_classes"])
+
+  @property
+  def splits(self) -> Dict[str, dict]:
+    return self.info.get("splits", {})
+
+  @property
+  def labels_path(self) -> str:
+    return tf.io.gfile.join(self.folder, self.info.get("labels_file", schema.LABELS_FILE))
+
+  def label_map(self) -> labels_lib.LabelMap:
+    return labels_lib.LabelMap.from_csv(self.labels_path)
+
+
+class DatasetInfo(_FolderInfo):
+  """A prepared-data folder: `DatasetInfo.read(data_dir)`; `DatasetInfo.write(...)` once."""
+
+  FILE = DATASET_INFO
+  MADE_BY = "bin/prepare_data"
+
+  @property
+  def data_dir(self) -> str:
+    return self.folder
+
+  @classmethod
+  def _check(cls, path, info):
+    if info.get("schema_version") != schema.SCHEMA_VERSION:
+      raise ValueError(f"{path}: schema_version {info.get('schema_version')} is not "
+                       f"{schema.SCHEMA_VERSION}; re-run bin/prepare_data with this version.")
+
+  @classmethod
+  def write(cls, folder: str, info: dict) -> "DatasetInfo":
+    return super().write(folder, dict(info, schema_version=schema.SCHEMA_VERSION))
 
   @property
   def embedding_dim(self) -> int:
@@ -78,17 +109,6 @@ class DatasetInfo:
   @property
   def modalities(self) -> List[str]:
     return list(self.info.get("modalities", ["audio"]))
-
-  @property
-  def splits(self) -> Dict[str, dict]:
-    return self.info.get("splits", {})
-
-  @property
-  def labels_path(self) -> str:
-    return tf.io.gfile.join(self.data_dir, self.info.get("labels_file", schema.LABELS_FILE))
-
-  def label_map(self) -> labels_lib.LabelMap:
-    return labels_lib.LabelMap.from_csv(self.labels_path)
 
   def has_split(self, split: str) -> bool:
     return split in self.splits
@@ -114,41 +134,15 @@ class DatasetInfo:
     return schema.list_shards(self.data_dir, split)
 
 
-class PredictionsInfo:
+class PredictionsInfo(_FolderInfo):
   """A predictions folder (bin/predict): both models' scores per split."""
 
-  def __init__(self, predictions_dir: str, info: dict):
-    self.predictions_dir = predictions_dir
-    self.info = info
-
-  @staticmethod
-  def path(predictions_dir: str) -> str:
-    return tf.io.gfile.join(predictions_dir, PREDICTIONS_INFO)
-
-  @classmethod
-  def read(cls, predictions_dir: str) -> "PredictionsInfo":
-    return cls(predictions_dir, _read_json(predictions_dir, PREDICTIONS_INFO, "bin/predict"))
-
-  @classmethod
-  def write(cls, predictions_dir: str, info: dict) -> "PredictionsInfo":
-    files.write_json(cls.path(predictions_dir), info)
-    return cls(predictions_dir, info)
+  FILE = PREDICTIONS_INFO
+  MADE_BY = "bin/predict"
 
   @property
-  def num_classes(self) -> int:
-    return int(self.info["num_classes"])
-
-  @property
-  def splits(self) -> Dict[str, dict]:
-    return self.info.get("splits", {})
-
-  @property
-  def labels_path(self) -> str:
-    return tf.io.gfile.join(self.predictions_dir,
-                            self.info.get("labels_file", schema.LABELS_FILE))
-
-  def label_map(self) -> labels_lib.LabelMap:
-    return labels_lib.LabelMap.from_csv(self.labels_path)
+  def predictions_dir(self) -> str:
+    return self.folder
 
   def file(self, split: str) -> str:
     """The TFRecord of one split's predictions."""
