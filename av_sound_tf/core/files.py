@@ -71,3 +71,32 @@ def not_regular_file_reason(path: str) -> Optional[str]:
           "a socket" if stat.S_ISSOCK(mode) else
           "a device" if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "not a regular file")
   return f"not a regular file: {kind}"
+
+
+# File systems that TensorFlow itself lacks and tensorflow-io registers when imported.
+TFIO_SCHEMES = ("hdfs", "viewfs", "har", "az", "http", "https")
+# tensorflow-io 0.37.1 (the last release, the one TF 2.17 can load) registers s3 too, but
+# its S3 file system aborts the process at exit ("pure virtual method called", exit status
+# 134: tensorflow/io#2039, fixed by tensorflow/io#2120 after that release).
+BROKEN_SCHEMES = {"s3": ("tensorflow-io 0.37.1's S3 file system aborts the process at exit "
+                         "(tensorflow/io#2039); mount the bucket (e.g. s3fs, mountpoint-s3) "
+                         "and pass the local path, or copy the data to gs:// or local disk")}
+
+
+def scheme(path: str) -> str:
+  """``gs`` for ``gs://b/x``; "" for a local path."""
+  return path.split("://", 1)[0].lower() if "://" in path else ""
+
+
+def prepare_file_system(path: str):
+  """Makes `path`'s file system usable through tf.io.gfile, or raises ValueError.
+
+  TensorFlow reads local paths and ``gs://`` itself; ``hdfs://``, ``az://`` and
+  ``http(s)://`` need tensorflow-io, imported here lazily (it costs about a second and is
+  not needed otherwise). ``s3://`` is refused with the reason (see `BROKEN_SCHEMES`).
+  """
+  name = scheme(path)
+  if name in BROKEN_SCHEMES:
+    raise ValueError(f"{path}: {name}:// paths are not supported: {BROKEN_SCHEMES[name]}.")
+  if name in TFIO_SCHEMES:
+    import tensorflow_io  # pylint: disable=g-import-not-at-top,unused-import
