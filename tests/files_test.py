@@ -62,3 +62,15 @@ def test_not_regular_file_reason(tmp_path):
   assert files.not_regular_file_reason(str(tmp_path / "f")) is None
   assert files.not_regular_file_reason(str(tmp_path / "missing")) is None
   assert files.not_regular_file_reason("gs://bucket/x") is None
+
+
+def test_installing_the_package_pulls_no_test_or_benchmark_tools():
+  """Runtime requirements are separate from test ones: pytest, librosa and the TF Serving
+  protos come only with the `test` extra (or requirements.txt for development)."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  runtime = [r for r in importlib.metadata.requires("av-sound-tf") if "extra ==" not in r]
+  names = {r.split(";")[0].split("<")[0].split(">")[0].split("=")[0].strip().lower()
+           for r in runtime}
+  assert "tensorflow" in names and "tensorflow-io" in names
+  assert not names & {"pytest", "pytest-xdist", "librosa", "tensorflow-serving-api",
+                      "apache-beam", "torch"}
