@@ -11,6 +11,10 @@ before ``main`` starts. A binary's ``main`` raises `UsageError` (bad
 flag combinations) or lets library errors such as ``ValueError``/``FileNotFoundError``
 escape; `run` turns them into one line on stderr and exit status 2 instead of a stack
 trace. ``--verbosity=1`` (or ``AV_SOUND_TF_DEBUG=1``) shows the trace for debugging.
+
+Every binary writes the flags it runs with to ``<its output folder>/<binary>.flags``
+(`write_flagfile`), one ``--name=value`` per line, so that ``bin/<binary>
+--flagfile=<that file>`` repeats the run (flags given after ``--flagfile`` override it).
 """
 
 import os
@@ -75,6 +79,50 @@ def _parse_flags(argv):
     print(f"{os.path.basename(argv[0])}: error: {_flag_error_line(e)} (--helpfull lists the "
           "flags)", file=sys.stderr)
     sys.exit(1)
+
+
+FLAGFILE_SUFFIX = ".flags"
+
+
+def flagfile_lines(flag_values=None, modules=None, args=()):
+  """The binary's flags as ``--name=value`` lines, sorted by name (absl's own spelling:
+  ``--nooverwrite`` for a false bool, ``--modalities=audio,visual`` for a list); flags
+  left at None are left out (absl cannot spell them). `modules`: the modules whose flags
+  count (default: the binary, ``sys.argv[0]`` for absl, and this module, which defines the
+  trainers' shared flags). `args`: positional arguments, one line each after the flags
+  (absl passes them through from a flagfile).
+  """
+  flag_values = flag_values or absl_flags.FLAGS
+  modules = modules or (sys.argv[0], __name__)
+  by_module = flag_values.flags_by_module_dict()
+  found = {flag.name: flag for module in modules for flag in by_module.get(module, [])}
+  lines = [found[name].serialize() for name in sorted(found)
+           if found[name].value is not None]
+  for line in lines + [str(a) for a in args]:
+    if "\n" in line.replace("\n--", "") or "\r" in line:  # multi flags: one line per value
+      raise ValueError(f"Cannot write a flag file: a value holds a line break: {line!r}")
+  return lines + [str(a) for a in args]
+
+
+def write_flagfile(output_dir, args=(), keep_existing=False, flag_values=None,
+                   modules=None):
+  """Writes `flagfile_lines` to ``<output_dir>/<binary>.flags`` (through tf.io.gfile,
+  atomically, creating the folder) and returns its path.
+
+  Call it after the flags are validated and before the long work. A binary whose folder
+  may hold an earlier run that the library resumes, refuses or deletes (--overwrite)
+  calls it before the work with ``keep_existing=True`` (a new folder gets the file at
+  once; an existing one keeps the flags its contents came from) and again after the work.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import files  # pylint: disable=g-import-not-at-top
+  path = tf.io.gfile.join(output_dir, os.path.basename(sys.argv[0]) + FLAGFILE_SUFFIX)
+  text = "".join(line + "\n" for line in flagfile_lines(flag_values, modules, args))
+  if keep_existing and tf.io.gfile.exists(path):
+    return path
+  tf.io.gfile.makedirs(output_dir)
+  files.write_text(path, text)
+  return path
 
 
 def run(main):

@@ -92,3 +92,48 @@ def test_color_layout_embedder():
   assert hist[1, 0] == pytest.approx(0.5) and hist[1, 48] == pytest.approx(0.5)  # red bin
   with pytest.raises(ValueError, match="divisible by 8"):
     embedders.build_embedder("color_layout", image_size=60)
+
+
+def test_check_embedder_names_what_cannot_be_built(tmp_path, monkeypatch):
+  """check_embedder fails in one line naming the embedder or the weights, builds nothing."""
+  with pytest.raises(ValueError, match=r"Unknown frame embedder.*Received: 'resnet125'$"):
+    embedders.check_embedder("resnet125")
+  with pytest.raises(FileNotFoundError,
+                     match=r"^ResNet-152 weights file not found: /nonexistent/r\.h5$"):
+    embedders.check_embedder("resnet152", "/nonexistent/r.h5")
+  with pytest.raises(FileNotFoundError, match=r"^TF-Hub module not found: .*no_module"):
+    embedders.check_embedder(f"hub:{tmp_path / 'no_module'}")
+  with pytest.raises(ValueError, match="color_layout needs image_size divisible by 8"):
+    embedders.check_embedder("color_layout", image_size=60)
+  for ok in (("tiny", None), ("color_layout", None), ("resnet152", "none")):
+    embedders.check_embedder(*ok)
+
+
+def test_check_embedder_imagenet_weights_offline(tmp_path, monkeypatch):
+  """No cached ImageNet weights and no network: one line with the URL and the advice; cached
+  weights need no network; the probe is asked with a timeout (it never hangs)."""
+  monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+  probes = []
+  monkeypatch.setattr(embedders, "_reachable", lambda url, timeout: probes.append(
+      (url, timeout)) or False)
+  with pytest.raises(ValueError) as error:
+    embedders.check_embedder("resnet152", "imagenet")
+  message = str(error.value)
+  assert "\n" not in message
+  assert embedders.RESNET152_WEIGHTS_URL in message and "--embedder_weights=" in message
+  assert probes == [(embedders.RESNET152_WEIGHTS_URL, embedders.NETWORK_TIMEOUT_SECONDS)]
+  with pytest.raises(ValueError, match="ImageNet weights"):  # the builder checks first too
+    embedders.build_embedder("resnet152", None, image_size=32)
+  with pytest.raises(ValueError, match=r"TF-Hub module https://example\.invalid/m cannot "
+                     r"be reached"):
+    embedders.check_embedder("hub:https://example.invalid/m")
+  cached = tmp_path / "keras" / "models" / embedders.RESNET152_WEIGHTS_FILE
+  cached.parent.mkdir(parents=True)
+  cached.write_bytes(b"h5")
+  probes.clear()
+  embedders.check_embedder("resnet152")
+  assert not probes
+
+
+def test_reachable_gives_up_on_a_dead_address():
+  assert not embedders._reachable("https://127.0.0.1:9/x", timeout=1.0)  # nothing listens

@@ -18,9 +18,20 @@
   on real video.
 
 The per-clip bag vector is the mean of the frame embeddings (`embed_clip`).
+
+`check_embedder(spec, weights)` finds, in milliseconds and without building anything, what
+would stop `build_embedder`: an unknown name, a missing local weights file or TF-Hub folder,
+ImageNet weights that are neither in Keras' cache nor downloadable (no network). Its error
+is one line naming the embedder or the weights; `build_embedder` runs it first, and the
+binaries run it before any clip.
 """
 
 import dataclasses
+import hashlib
+import os
+import socket
+import tempfile
+import urllib.parse
 from typing import Callable, Optional
 
 import keras
@@ -54,14 +65,68 @@ class FrameEmbedder:
     return per_frame.mean(axis=0), per_frame
 
 
+# Where keras.applications.ResNet152(include_top=False, weights="imagenet") gets its weights,
+# and the name Keras caches them under (<KERAS_HOME or ~/.keras>/models/<name>).
+RESNET152_WEIGHTS_FILE = "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5"
+RESNET152_WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+                         + RESNET152_WEIGHTS_FILE)
+NETWORK_TIMEOUT_SECONDS = 5.0
+
+
+def _keras_cached(name: str) -> bool:
+  """Whether Keras' get_file would find `name` in its cache (it falls back to /tmp/.keras
+  where the Keras home is not writable)."""
+  home = os.path.expanduser(os.environ.get("KERAS_HOME", os.path.join("~", ".keras")))
+  return any(os.path.isfile(os.path.join(base, "models", name))
+             for base in (home, os.path.join("/tmp", ".keras")))
+
+
+def _reachable(url: str, timeout: float) -> bool:
+  """A TCP connection to the URL's host opens within `timeout` seconds (never hangs)."""
+  parsed = urllib.parse.urlparse(url)
+  port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  try:
+    with socket.create_connection((parsed.hostname, port), timeout=timeout):
+      return True
+  except (OSError, ValueError):
+    return False
+
+
+def _check_resnet152_weights(weights: Optional[str], timeout: float):
+  weights = weights or "imagenet"
+  if weights == "none":
+    return
+  if weights == "imagenet":
+    if not _keras_cached(RESNET152_WEIGHTS_FILE) and not _reachable(RESNET152_WEIGHTS_URL,
+                                                                     timeout):
+      raise ValueError(
+          f"ResNet-152 ImageNet weights are not in Keras' cache and {RESNET152_WEIGHTS_URL} "
+          "cannot be reached (no network?): download that file elsewhere and pass it with "
+          "--embedder_weights=/path/to/" + RESNET152_WEIGHTS_FILE)
+    return
+  if not tf.io.gfile.exists(weights) or tf.io.gfile.isdir(weights):
+    raise FileNotFoundError(f"ResNet-152 weights file not found: {weights}")
+
+
+def _check_hub(path: str, timeout: float):
+  if urllib.parse.urlparse(path).scheme in ("http", "https"):
+    cache = os.environ.get("TFHUB_CACHE_DIR",
+                           os.path.join(tempfile.gettempdir(), "tfhub_modules"))
+    cached = os.path.isdir(os.path.join(cache, hashlib.sha1(path.encode()).hexdigest()))
+    if not cached and not _reachable(path, timeout):
+      raise ValueError(f"TF-Hub module {path} cannot be reached (no network?) and is not in "
+                       f"the TF-Hub cache {cache}: use --embedder=hub:<local SavedModel folder>")
+    return
+  if not tf.io.gfile.exists(tf.io.gfile.join(path, "saved_model.pb")):
+    raise FileNotFoundError(f"TF-Hub module not found: {path} (no saved_model.pb there)")
+
+
 def _resnet152(weights: Optional[str], image_size: int) -> FrameEmbedder:
   weights = weights or "imagenet"
   model = keras.applications.ResNet152(
       include_top=False, weights="imagenet" if weights == "imagenet" else None,
       pooling="avg", input_shape=(image_size, image_size, 3))
   if weights not in ("imagenet", "none"):
-    if not tf.io.gfile.exists(weights):
-      raise FileNotFoundError(f"ResNet-152 weights file not found: {weights}")
     model.load_weights(weights)
 
   @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
@@ -133,6 +198,7 @@ def build_embedder(spec: str = "resnet152", weights: Optional[str] = None,
     weights: for ``resnet152``: ``imagenet`` (default), ``none``, or a local weights file.
     image_size: square input size the frames are cropped to.
   """
+  check_embedder(spec, weights, image_size)
   if spec == "resnet152":
     return _resnet152(weights, image_size)
   if spec.startswith("hub:"):
@@ -142,3 +208,28 @@ def build_embedder(spec: str = "resnet152", weights: Optional[str] = None,
   if spec == "color_layout":
     return _color_layout(image_size)
   raise ValueError(f"Unknown frame embedder. Expected one of {EMBEDDERS}. Received: {spec!r}")
+
+
+def check_embedder(spec: str = "resnet152", weights: Optional[str] = None,
+                   image_size: int = 224,
+                   timeout: float = NETWORK_TIMEOUT_SECONDS) -> None:
+  """Raises (one line naming the embedder or its weights) when `build_embedder` would fail
+  for want of a name, a file or the network; builds nothing and waits at most `timeout`
+  seconds for a network probe (only when ImageNet weights or a hub URL are not cached).
+
+  Raises:
+    ValueError: an unknown embedder, an image size color_layout cannot use, or weights or
+      a module that need an unreachable download.
+    FileNotFoundError: a local weights file or TF-Hub folder that does not exist.
+  """
+  if spec == "resnet152":
+    _check_resnet152_weights(weights, timeout)
+  elif spec.startswith("hub:") and len(spec) > len("hub:"):
+    _check_hub(spec[len("hub:"):], timeout)
+  elif spec == "color_layout":
+    if image_size % 8:
+      raise ValueError(f"color_layout needs image_size divisible by 8. "
+                       f"Received: image_size={image_size}")
+  elif spec != "tiny":
+    raise ValueError(f"Unknown frame embedder. Expected one of {EMBEDDERS}. Received: "
+                     f"{spec!r}")

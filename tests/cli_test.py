@@ -1,0 +1,130 @@
+"""The binaries' shared plumbing: flag files that repeat a run, and embedders checked before
+any clip (issue 17 items 2 and 4)."""
+
+import os
+
+from absl import flags
+import numpy as np
+import soundfile
+
+from av_sound_tf import cli
+from tests.conftest import run_binary
+
+
+def test_flagfile_lines_spell_every_flag_of_the_binary():
+  values = flags.FlagValues()
+  for define, name, default in ((flags.DEFINE_string, "out", None),
+                                (flags.DEFINE_string, "empty", ""),
+                                (flags.DEFINE_list, "mods", ["audio", "visual"]),
+                                (flags.DEFINE_bool, "overwrite", False),
+                                (flags.DEFINE_float, "rate", 0.05)):
+    define(name, default, "", flag_values=values, module_name="bin/x")
+  flags.DEFINE_integer("elsewhere", 3, "", flag_values=values, module_name="other")
+  values(["x", "--out=/tmp/a b", "--overwrite"])
+  assert cli.flagfile_lines(values, ["bin/x"], args=["song.wav"]) == [
+      "--empty=", "--mods=audio,visual", "--out=/tmp/a b", "--overwrite", "--rate=0.05",
+      "song.wav"]
+  values(["x", "--out=None"])  # only flags left at None are left out
+  assert "--out=None" in cli.flagfile_lines(values, ["bin/x"])
+
+
+def _tiny_list(folder):
+  for i, hz in enumerate((440, 880)):
+    tone = 0.3 * np.sin(2 * np.pi * hz * np.arange(16000) / 16000)
+    soundfile.write(str(folder / f"a{i}.wav"), tone.astype(np.float32), 16000)
+  path = folder / "list.csv"
+  path.write_text("path,labels\na0.wav,low\na1.wav,high\n")
+  return str(path)
+
+
+def test_prepare_data_repeats_a_run_from_its_flagfile(tmp_path):
+  file_list = _tiny_list(tmp_path)
+  out = str(tmp_path / "out")
+  res = run_binary("prepare_data", f"--file_list={file_list}", f"--output_dir={out}",
+                   "--num_workers=0", "--split=train", timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  flagfile = os.path.join(out, "prepare_data.flags")
+  with open(flagfile) as f:
+    lines = f.read().splitlines()
+  assert lines == [
+      "--noallow_missing_modality", "--noallow_unlabeled", "--beam_options=",
+      "--embedder=resnet152", "--examples_per_shard=1000", f"--file_list={file_list}",
+      "--image_size=224", "--label_column=labels", "--max_failure_fraction=0.05",
+      "--max_seconds=60.0", "--min_audio_seconds=0.1", "--modalities=audio",
+      "--num_shards=0", "--num_video_frames=64", "--num_workers=0", f"--output_dir={out}",
+      "--nooverwrite", "--progress_every=5.0", "--runner=", "--split=train",
+      "--split_column=", "--nostore_frame_embeddings"]
+  with open(os.path.join(out, "manifest.csv")) as f:
+    manifest = f.read()
+  shard = os.path.join(out, "train-00000-of-00001.tfrecord")
+  with open(shard, "rb") as f:
+    shard_bytes = f.read()
+  copy = str(tmp_path / "copy.flags")
+  with open(copy, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  # --overwrite deletes the folder (and the flag file in it): the run writes it again.
+  res = run_binary("prepare_data", f"--flagfile={copy}", "--overwrite", timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  with open(os.path.join(out, "manifest.csv")) as f:
+    assert f.read() == manifest
+  with open(shard, "rb") as f:
+    assert f.read() == shard_bytes
+  with open(flagfile) as f:
+    assert f.read().splitlines() == [l if l != "--nooverwrite" else "--overwrite"
+                                     for l in lines]
+
+
+def test_a_refused_run_keeps_the_flagfile_of_the_folder(tmp_path):
+  """A resume with other settings is refused; the folder keeps the flags it was made with."""
+  file_list = _tiny_list(tmp_path)
+  out = str(tmp_path / "out")
+  res = run_binary("prepare_data", f"--file_list={file_list}", f"--output_dir={out}",
+                   "--num_workers=0", timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  with open(os.path.join(out, "prepare_data.flags")) as f:
+    before = f.read()
+  res = run_binary("prepare_data", f"--file_list={file_list}", f"--output_dir={out}",
+                   "--num_workers=0", "--max_seconds=5", timeout=300)
+  assert res.returncode == 2, res.stderr[-2000:]
+  with open(os.path.join(out, "prepare_data.flags")) as f:
+    assert f.read() == before
+
+
+def _one_error_line(res, binary):
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith(f"{binary}: error: "), res.stderr[-2000:]
+  return lines[0]
+
+
+def test_prepare_data_stops_on_an_embedder_that_cannot_be_built(tmp_path):
+  file_list = _tiny_list(tmp_path)
+  for args, expected in (
+      (["--embedder=resnet125"], "Unknown frame embedder. Expected one of ('resnet152', "
+       "'hub:<path>', 'tiny', 'color_layout'). Received: 'resnet125'"),
+      (["--embedder=resnet152", "--embedder_weights=/nonexistent/r.h5"],
+       "ResNet-152 weights file not found: /nonexistent/r.h5")):
+    out = tmp_path / "out"
+    res = run_binary("prepare_data", f"--file_list={file_list}", f"--output_dir={out}",
+                     "--modalities=audio,visual", "--num_workers=0", *args, timeout=300)
+    assert _one_error_line(res, "prepare_data") == f"prepare_data: error: {expected}"
+    assert not out.exists()  # no manifest, no clip, no flag file
+  res = run_binary("prepare_data", f"--file_list={file_list}", f"--output_dir={out}",
+                   "--modalities=audio", "--num_workers=0", "--embedder=resnet125",
+                   timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]  # audio only: the embedder is not used
+
+
+def test_tag_stops_on_an_embedder_that_cannot_be_built(tmp_path):
+  """Before the model loads or a file is tagged (--model does not even exist)."""
+  _tiny_list(tmp_path)
+  output = tmp_path / "tags" / "tags.json"
+  output.parent.mkdir()
+  for args, expected in (
+      (["--embedder=resnet125"], "Received: 'resnet125'"),
+      (["--embedder=resnet152", "--embedder_weights=/nonexistent/r.h5"],
+       "ResNet-152 weights file not found: /nonexistent/r.h5")):
+    res = run_binary("tag", f"--model={tmp_path / 'no_model'}", f"--output={output}",
+                     *args, str(tmp_path / "a0.wav"), timeout=300)
+    assert _one_error_line(res, "tag").endswith(expected)
+    assert not (tmp_path / "tags" / "tag.flags").exists()
