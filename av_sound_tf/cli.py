@@ -125,11 +125,29 @@ def write_flagfile(output_dir, args=(), keep_existing=False, flag_values=None,
   return path
 
 
+def _paths_in(argv):
+  """Flag values and arguments that name a path on another file system (``scheme://``)."""
+  values = list(argv[1:])
+  for name in absl_flags.FLAGS:
+    value = absl_flags.FLAGS[name].value
+    values.extend(value if isinstance(value, list) else [value])
+  return [v for v in values if isinstance(v, str) and "://" in v]
+
+
+def _prepare_file_systems(argv):
+  """Registers the file systems the run's paths need (hdfs://, ... through tensorflow-io)
+  and refuses unsupported ones (s3://) before any work: core/files.prepare_file_system."""
+  from av_sound_tf.core import files  # pylint: disable=g-import-not-at-top
+  for path in _paths_in(argv):
+    files.prepare_file_system(path)
+
+
 def run(main):
   """`absl.app.run(main)` with clear one-line errors."""
 
   def wrapped(argv):
     try:
+      _prepare_file_systems(argv)
       return main(argv)
     except app.UsageError:
       raise

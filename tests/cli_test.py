@@ -128,3 +128,22 @@ def test_tag_stops_on_an_embedder_that_cannot_be_built(tmp_path):
                      *args, str(tmp_path / "a0.wav"), timeout=300)
     assert _one_error_line(res, "tag").endswith(expected)
     assert not (tmp_path / "tags" / "tag.flags").exists()
+
+
+def test_paths_on_other_file_systems_are_prepared_or_refused_before_any_work(tmp_path):
+  # s3:// is refused with its reason (tensorflow-io's S3 file system aborts at exit).
+  res = run_binary("prepare_data", "--file_list=s3://bucket/list.csv",
+                   f"--output_dir={tmp_path / 'out'}", timeout=300)
+  assert res.returncode == 2, res.stderr
+  lines = [l for l in res.stderr.splitlines() if l.strip()]
+  assert lines == ["prepare_data: error: s3://bucket/list.csv: s3:// paths are not supported: "
+                   "tensorflow-io 0.37.1's S3 file system aborts the process at exit "
+                   "(tensorflow/io#2039); mount the bucket (e.g. s3fs, mountpoint-s3) and pass "
+                   "the local path, or copy the data to gs:// or local disk."]
+  assert not (tmp_path / "out").exists()
+  # hdfs:// reaches tensorflow-io's file system (no Hadoop here: its own one-line error),
+  # instead of TensorFlow's "File system scheme 'hdfs' not implemented".
+  res = run_binary("evaluate_model", "--model=hdfs://localhost:1/m.keras",
+                   "--data_dir=hdfs://localhost:1/d", "--splits=eval", timeout=300)
+  assert res.returncode == 2 and "Traceback" not in res.stderr
+  assert "not implemented" not in res.stderr and "libhdfs" in res.stderr, res.stderr
