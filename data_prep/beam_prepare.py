@@ -45,6 +45,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 import tensorflow as tf
 
+from av_sound_tf.core import progress as progress_lib
 from data_prep import featurize
 from data_prep import inputs as inputs_lib
 from data_prep import shards
@@ -79,7 +80,7 @@ class ProcessClip(beam.DoFn):
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     self.processor = featurize.ClipProcessor(self.config)  # builds the embedder once
-    self.progress = featurize.Progress(0, every=30.0)  # per worker, in the worker's log
+    self.progress = progress_lib.Progress(None, every=30.0)  # per worker, in the worker's log
 
   def process(self, line):
     shard, job = _job_from_json(line)

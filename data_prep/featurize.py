@@ -7,12 +7,12 @@
   (`core.features`) and the frame embeddings (`core.embedders`, built once per worker) and
   builds its `tf.train.Example` (`core.schema`). Every failure becomes a `ClipResult`
   with the reason; nothing a clip does stops the run.
-* `Progress`: clips done, rate, ETA and failures, logged by either runner.
+
+Progress lines (clips done, rate, ETA, failures) come from `core.progress`.
 """
 
 import dataclasses
 import functools
-import time
 import traceback
 from typing import Optional, Tuple
 
@@ -214,36 +214,3 @@ def _make_example(job, start, end, duration, log_mel, embedding_mean, per_frame,
       end_seconds=end if end is not None else (start or 0.0) + duration,
       duration_seconds=duration, log_mel=log_mel, embedding_mean=embedding_mean,
       frame_embeddings=per_frame, num_video_frames=num_video_frames, labeled=job.labeled)
-
-
-class Progress:
-  """Logs clips done, rate, ETA and failures at most every `every` seconds."""
-
-  def __init__(self, total, already_done=0, every=5.0, log=logging.info):
-    self.total, self.done, self.failed = total, already_done, 0
-    self.start_done = already_done
-    self.every, self.log = every, log
-    self.t0 = self.last = time.time()
-
-  def update(self, failed=False):
-    self.done += 1
-    self.failed += int(failed)
-    now = time.time()
-    if now - self.last >= self.every or self.done == self.total:
-      self.last = now
-      self.log("%s", self.line())
-
-  def rate(self):
-    elapsed = max(time.time() - self.t0, 1e-9)
-    return (self.done - self.start_done) / elapsed
-
-  def line(self):
-    rate = self.rate()
-    if not self.total:  # unknown total (one Beam worker's share)
-      return (f"[prepare] {self.done} clips on this worker, {rate:.1f} clips/s, "
-              f"{self.failed} failed")
-    left = self.total - self.done
-    eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "?"
-    pct = 100.0 * self.done / max(self.total, 1)
-    return (f"[prepare] {self.done}/{self.total} clips ({pct:.1f}%), {rate:.1f} clips/s, "
-            f"ETA {eta}, {self.failed} failed")

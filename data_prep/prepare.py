@@ -14,6 +14,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from av_sound_tf.core import progress as progress_lib
 from data_prep import featurize
 from data_prep import inputs as inputs_lib
 from data_prep import shards
@@ -58,8 +59,8 @@ def prepare(inputs: inputs_lib.Inputs, config: featurize.PrepareConfig, num_work
   plan, shard_names, pending, skipped = shards.start_run(inputs, config, overwrite,
                                                          fingerprint_content)
   total = len(inputs.jobs)
-  progress = featurize.Progress(total, already_done=total - len(pending),
-                                every=progress_every)
+  progress = progress_lib.Progress(total, already_done=total - len(pending),
+                                   every=progress_every)
   logging.info("[prepare] %d inputs, %d to process (%d complete shards kept), %d workers",
                total, len(pending), skipped, num_workers)
 
@@ -81,6 +82,7 @@ def prepare(inputs: inputs_lib.Inputs, config: featurize.PrepareConfig, num_work
         writer = shards.ShardWriter(out, name)
       writer.add(job, result)
       progress.update(failed=result.status != "written")
+    progress.finish()
     if writer is not None:
       writer.close()
       writer = None

@@ -316,3 +316,17 @@ def test_binaries(tmp_path):
   res = run("report", f"--predictions_dir={tmp_path}", f"--models={models[0]}",
             f"--output_dir={tmp_path / 'r2'}")
   assert res.returncode == 2 and "bin/predict" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_fusion_training_writes_tensorboard_logs(tmp_path):
+  """Like the other trainers, fusion training writes TensorBoard event files under
+  <model_dir>/logs (train and validation)."""
+  predictions = write_synthetic_predictions(str(tmp_path / "predictions"),
+                                            sizes=(("train", 64), ("validation", 32)))
+  config = fusion_training.FusionConfig(predictions, str(tmp_path / "mlp"), fusion="mlp",
+                                        epochs=1, batch_size=32, verbose=0)
+  fusion_training.train_fusion(config)
+  events = {os.path.relpath(root, tmp_path / "mlp" / "logs")
+            for root, _, names in os.walk(tmp_path / "mlp" / "logs")
+            for n in names if n.startswith("events.out.tfevents.")}
+  assert events == {"train", "validation"}, events

@@ -6,6 +6,7 @@ from av_sound_tf.core import dataset_info
 from av_sound_tf.core import files
 from av_sound_tf.core import metrics as metrics_lib
 from av_sound_tf.core import model_files
+from av_sound_tf.core import progress as progress_lib
 from av_sound_tf.core import schema
 from av_sound_tf.train import pipeline
 
@@ -20,13 +21,22 @@ def model_kind(model) -> str:
   raise ValueError(f"Cannot tell the model's input kind from its input {name!r}")
 
 
+def counted(dataset, progress):
+  """Yields `dataset`'s batches, counting each (its labels' rows) once it is processed."""
+  for batch in dataset:
+    yield batch
+    progress.update(int(batch[1].shape[0]))
+  progress.finish()
+
+
 def evaluate_model(model_path, data_dir, splits, output_dir, batch_size=32,
-                   eval_crop="start") -> dict:
+                   eval_crop="start", progress_every=5.0) -> dict:
   """Evaluates a `.keras` model on `splits` of a prepared data set.
 
   Writes ``per_class.csv`` (index, mid, name, num_positives, average_precision, roc_auc,
   d_prime) and ``summary.json`` (mAP, mAUC, d', counts, excluded classes, accuracy for
-  single-label data) to `output_dir`; returns the summary.
+  single-label data) to `output_dir`; returns the summary. Logs "[evaluate] i of N clips"
+  lines (`core.progress`) at most every `progress_every` seconds, and the last one.
   """
   model = model_files.load_keras_model(model_path)
   info = dataset_info.DatasetInfo.read(data_dir)
@@ -44,7 +54,9 @@ def evaluate_model(model_path, data_dir, splits, output_dir, batch_size=32,
   config = pipeline.input_config(info, kind, batch_size,
                                  num_frames=getattr(model, "num_frames", None) or 1024,
                                  eval_crop=eval_crop)
-  labels, scores = metrics_lib.predict_dataset(model, pipeline.eval_dataset(shards, config))
+  progress = progress_lib.Progress(info.num_examples(splits), "evaluate", every=progress_every)
+  labels, scores = metrics_lib.predict_dataset(
+      model, counted(pipeline.eval_dataset(shards, config), progress))
   ev, summary = metrics_lib.summarize(labels, scores)
   summary.update(model=model_path, data_dir=data_dir, splits=list(splits))
   tf.io.gfile.makedirs(output_dir)

@@ -13,17 +13,20 @@ import tensorflow as tf
 
 from av_sound_tf.core import dataset_info
 from av_sound_tf.core import model_files
+from av_sound_tf.core import progress as progress_lib
 from av_sound_tf.core import schema
 from av_sound_tf.train import pipeline
 
 
 def write_predictions(audio_model_path, visual_model_path, data_dir, splits, output_dir,
-                      batch_size=64, eval_crop="start", log=print) -> dict:
+                      batch_size=64, eval_crop="start", log=print,
+                      progress_every=5.0) -> dict:
   """Writes ``<output_dir>/<split>.tfrecord`` for each split and the predictions' info
   (`dataset_info.PredictionsInfo`); returns the info's dict.
 
   Clips without audio (or video) get zeros for that model's scores and has_audio = 0 (or
-  has_video = 0); the fusion models treat them as missing.
+  has_video = 0); the fusion models treat them as missing. Logs "[predict <split>] i of N
+  clips" lines (`core.progress`) at most every `progress_every` seconds, and the last one.
   """
   audio = model_files.load_keras_model(audio_model_path)
   visual = model_files.load_keras_model(visual_model_path)
@@ -44,6 +47,8 @@ def write_predictions(audio_model_path, visual_model_path, data_dir, splits, out
     shards = info.shards(split)
     path = tf.io.gfile.join(output_dir, f"{split}.tfrecord")
     n = 0
+    progress = progress_lib.Progress(info.num_examples([split]), f"predict {split}",
+                                     every=progress_every)
     with tf.io.TFRecordWriter(path + ".incomplete") as writer:
       for x, labels, ids in pipeline.eval_dataset(shards, config, with_ids=True):
         h_a = audio_fn(x["log_mel"]).numpy()
@@ -54,6 +59,8 @@ def write_predictions(audio_model_path, visual_model_path, data_dir, splits, out
               ids[i].numpy(), np.flatnonzero(labels[i].numpy() > 0.5),
               h_a[i] * has_a[i], h_v[i] * has_v[i], has_a[i], has_v[i]).SerializeToString())
         n += h_a.shape[0]
+        progress.update(h_a.shape[0])
+    progress.finish()
     tf.io.gfile.rename(path + ".incomplete", path, overwrite=True)
     written[split] = {"file": f"{split}.tfrecord", "num_examples": n}
     log(f"[predict] {split}: {n} clips -> {path}")

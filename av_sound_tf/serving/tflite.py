@@ -50,6 +50,7 @@ from av_sound_tf.core import features
 from av_sound_tf.core import files
 from av_sound_tf.core import media
 from av_sound_tf.core import model_files
+from av_sound_tf.core import progress as progress_lib
 from av_sound_tf.core import schema
 
 VARIANTS = ("float32", "float16", "int8")
@@ -150,11 +151,16 @@ def _float_front_end(converter, model, windows):
 
 
 def representative_windows(data_dir: str, split: str, samples: int, count: int = 100,
-                           seed: int = 0) -> Iterable[np.ndarray]:
-  """Waveform windows decoded from the source files of a prepared split (for int8)."""
+                           seed: int = 0, progress_every: float = 5.0) -> Iterable[np.ndarray]:
+  """Waveform windows decoded from the source files of a prepared split (for int8).
+
+  Logs "[calibrate] i of N windows" lines (`core.progress`) at most every `progress_every`
+  seconds, and the last one.
+  """
   rng = np.random.default_rng(seed)
   info = dataset_info.DatasetInfo.read(data_dir)
   produced = 0
+  progress = progress_lib.Progress(count, "calibrate", "windows", every=progress_every)
   for ex in schema.read_examples(info.shards(split), info.num_classes):
     path = ex["source_path"].numpy().decode()
     try:
@@ -166,8 +172,10 @@ def representative_windows(data_dir: str, split: str, samples: int, count: int =
     start = int(rng.integers(0, len(y) - samples + 1))
     yield y[start:start + samples][None, :].astype(np.float32)
     produced += 1
+    progress.update()
     if produced >= count:
       return
+  progress.finish()
   if produced == 0:
     raise ValueError(f"No decodable source audio for split {split!r} of {data_dir}: int8 "
                      "calibration needs the original files (source_path in the shards).")
@@ -200,7 +208,7 @@ def verify_variant(content: bytes, windows: np.ndarray, reference: np.ndarray,
 def convert(audio_model_path: str, labels_path: str, output_dir: str,
             variants=VARIANTS, window_seconds: float = 1.0, data_dir: Optional[str] = None,
             split: str = "train", calibration_windows: int = 100, name: str = "audio_tagger",
-            tolerances: Optional[dict] = None) -> Converted:
+            tolerances: Optional[dict] = None, progress_every: float = 5.0) -> Converted:
   """Converts the audio model to TFLite variants, verifying each (see the module
   docstring); returns {variant: path} with `.verification` (also in <name>.json)."""
   if not tf.io.gfile.exists(labels_path):  # the model: checked as it loads
@@ -214,7 +222,8 @@ def convert(audio_model_path: str, labels_path: str, output_dir: str,
   audio = model_files.load_keras_model(audio_model_path, "Audio model")
   samples = int(round(window_seconds * features.DEFAULT_PARAMS.sample_rate))
   if data_dir:  # real audio: calibrates int8 and checks every variant
-    windows = list(representative_windows(data_dir, split, samples, calibration_windows))
+    windows = list(representative_windows(data_dir, split, samples, calibration_windows,
+                                          progress_every=progress_every))
     source = f"{len(windows)} windows of {data_dir} ({split}) source audio"
   else:
     windows = list(export.test_signals(TEST_SIGNAL_WINDOWS, samples)[:, None, :])

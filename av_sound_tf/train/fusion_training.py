@@ -82,8 +82,9 @@ def train_fusion(config: FusionConfig, overwrite=False, extra_callbacks=()) -> d
   """Trains (or, for average fusion, builds) a fusion model; returns its validation summary.
 
   Training goes through `fit.fit_and_select`, as every model's: a model_dir holding an
-  interrupted run is resumed, keeping the best epoch of the whole run. `extra_callbacks`
-  are added to the fit (tests' probes).
+  interrupted run is resumed, keeping the best epoch of the whole run. TensorBoard logs go
+  to ``<model_dir>/logs``, as the other trainers'; `extra_callbacks` are added to the fit
+  after it (tests' probes).
   """
   if overwrite and tf.io.gfile.exists(config.model_dir):
     tf.io.gfile.rmtree(config.model_dir)
@@ -106,7 +107,9 @@ def train_fusion(config: FusionConfig, overwrite=False, extra_callbacks=()) -> d
     model.compile(keras.optimizers.Adam(config.learning_rate),
                   keras.losses.BinaryCrossentropy())
     fit.fit_and_select(model, train_ds, val_ds, config.model_dir, epochs=config.epochs,
-                       extra_callbacks=extra_callbacks, verbose=config.verbose)
+                       extra_callbacks=[keras.callbacks.TensorBoard(
+                           tf.io.gfile.join(config.model_dir, "logs")), *extra_callbacks],
+                       verbose=config.verbose)
   path = tf.io.gfile.join(config.model_dir, "model.keras")
   model.save(path)
   labels, scores = metrics_lib.predict_dataset(model, val_ds)
