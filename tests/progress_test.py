@@ -94,6 +94,7 @@ def _messages(caplog, stage):
 def test_predict_and_evaluate_end_with_n_of_n(tiny, caplog):
   data, audio, visual, tmp = tiny
   caplog.set_level("INFO")
+  caplog.set_level("INFO", logger="absl")  # earlier tests in the process may lower absl's
   predict.write_predictions(audio, visual, data, ["train", "eval"], str(tmp / "preds"),
                             batch_size=3, log=lambda _: None, progress_every=3600)
   lines = _messages(caplog, "predict")
@@ -111,6 +112,7 @@ def test_calibration_windows_end_with_n_of_n(tiny, caplog, monkeypatch):
   monkeypatch.setattr(tflite.media, "decode_audio",
                       lambda path: np.zeros(24000, np.float32))
   caplog.set_level("INFO")
+  caplog.set_level("INFO", logger="absl")  # earlier tests in the process may lower absl's
   windows = list(tflite.representative_windows(data, "train", 16000, count=5,
                                                progress_every=3600))
   assert len(windows) == 5
