@@ -29,7 +29,7 @@ setuptools.setup(
         "scikit-learn>=1.3",
         "absl-py>=2.1",
         "av>=12",
-        "soxr>=0.3",  # resampling: 4x faster than swresample (docs/benchmarks.md)
+        "soxr>=0.3",  # resampling: 3.3x faster than swresample (docs/benchmarks.md)
         "matplotlib>=3.8",
     ],
     extras_require={

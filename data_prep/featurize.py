@@ -7,8 +7,6 @@
   (`core.features`) and the frame embeddings (`core.embedders`, built once per worker) and
   builds its `tf.train.Example` (`core.schema`). Every failure becomes a `ClipResult`
   with the reason; nothing a clip does stops the run.
-
-Progress lines (clips done, rate, ETA, failures) come from `core.progress`.
 """
 
 import dataclasses

@@ -166,11 +166,11 @@ def _tiny(image_size: int) -> FrameEmbedder:
   return FrameEmbedder("tiny", 32, image_size, fn)
 
 
+_COLOR_GRID = 8  # color_layout's thumbnail: 8 x 8 cells, so image_size must divide by 8
+
+
 def _color_layout(image_size: int) -> FrameEmbedder:
-  grid = 8
-  if image_size % grid:
-    raise ValueError(f"color_layout needs image_size divisible by {grid}. "
-                     f"Received: image_size={image_size}")
+  grid = _COLOR_GRID  # image_size checked by check_embedder
 
   @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
   def fn(frames):
@@ -198,16 +198,14 @@ def build_embedder(spec: str = "resnet152", weights: Optional[str] = None,
     weights: for ``resnet152``: ``imagenet`` (default), ``none``, or a local weights file.
     image_size: square input size the frames are cropped to.
   """
-  check_embedder(spec, weights, image_size)
+  check_embedder(spec, weights, image_size)  # refuses every name not handled below
   if spec == "resnet152":
     return _resnet152(weights, image_size)
   if spec.startswith("hub:"):
     return _hub(spec[len("hub:"):], image_size)
   if spec == "tiny":
     return _tiny(image_size)
-  if spec == "color_layout":
-    return _color_layout(image_size)
-  raise ValueError(f"Unknown frame embedder. Expected one of {EMBEDDERS}. Received: {spec!r}")
+  return _color_layout(image_size)
 
 
 def check_embedder(spec: str = "resnet152", weights: Optional[str] = None,
@@ -227,8 +225,8 @@ def check_embedder(spec: str = "resnet152", weights: Optional[str] = None,
   elif spec.startswith("hub:") and len(spec) > len("hub:"):
     _check_hub(spec[len("hub:"):], timeout)
   elif spec == "color_layout":
-    if image_size % 8:
-      raise ValueError(f"color_layout needs image_size divisible by 8. "
+    if image_size % _COLOR_GRID:
+      raise ValueError(f"color_layout needs image_size divisible by {_COLOR_GRID}. "
                        f"Received: image_size={image_size}")
   elif spec != "tiny":
     raise ValueError(f"Unknown frame embedder. Expected one of {EMBEDDERS}. Received: "

@@ -1,11 +1,11 @@
 """Decoding audio files and video containers with PyAV (FFmpeg).
 
-Why PyAV: measured on the development machine (2 cores), per 5 s ESC-10 OGG clip,
-tensorflow-io's ``AudioIOTensor`` decode took 32 ms plus 107 ms for ``tfio.audio.resample``;
-PyAV decode plus FFmpeg's swresample took 10.5 ms (and libsoxr resamples 4x faster than
-swresample, see `decode_audio`). tensorflow-io's video ops also need FFmpeg
-4.2/3.4/2.8 shared libraries that current systems lack, while PyAV ships its own FFmpeg. One
-decoder therefore serves audio files (wav, flac, ogg, mp3, m4a, ...) and video containers
+Why PyAV and libsoxr: per 5 s ESC-10 OGG clip, tensorflow-io's ``AudioIOTensor`` decode
+plus ``tfio.audio.resample`` costs about 19x our decode, and PyAV with FFmpeg's swresample
+1.4x; libsoxr resamples a 10 s clip 3.3x faster than swresample (all measured side by
+side by benchmarks/decode_benchmark.py; docs/benchmarks.md). tensorflow-io's video ops also
+need FFmpeg 4.2/3.4/2.8 shared libraries that current systems lack, while PyAV ships its own
+FFmpeg. One decoder therefore serves audio files (wav, flac, ogg, mp3, m4a, ...) and video containers
 (mp4, webm, mkv, avi, ...).
 
 Audio channels are averaged (librosa's ``to_mono`` convention: a tone at amplitude a in both
@@ -30,6 +30,7 @@ import tensorflow as tf
 from av_sound_tf.core import constants
 from av_sound_tf.core import files
 from av_sound_tf.core import truncation as truncation_lib
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".m4a", ".aac", ".opus", ".wma",
                     ".aiff", ".aif")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
@@ -167,9 +168,10 @@ def read_audio(path, start_seconds=None, end_seconds=None,
   """Decodes the first audio track to mono float32 at `sample_rate`.
 
   Frames are decoded by FFmpeg, averaged over channels, cut to the segment at the native
-  rate, and resampled with libsoxr (``soxr``, "HQ" quality) in a stream. libsoxr was chosen
-  by measurement: on a 10 s 44.1 kHz clip it takes 2.0 ms against 7.7 ms for FFmpeg's
-  swresample through PyAV, and per-frame resampler calls cost more than the filtering.
+  rate, and resampled with libsoxr (``soxr``, "HQ" quality) in a stream, in ~1 s blocks:
+  libsoxr was chosen by measurement (3.3x faster than FFmpeg's swresample through PyAV on a
+  10 s 44.1 kHz clip, benchmarks/decode_benchmark.py), and per-frame resampler calls cost
+  more than the filtering.
 
   Args:
     path: audio or video file (local path or any tf.io.gfile URL).

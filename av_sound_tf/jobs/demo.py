@@ -110,6 +110,7 @@ def run_demo(out_dir, log=print) -> dict:
   from av_sound_tf.serving import export
   from av_sound_tf.serving import tagging
   from av_sound_tf.serving import tflite
+  from av_sound_tf.train import fit
   from av_sound_tf.train import fusion_training
   from av_sound_tf.train import training
   from data_prep import featurize
@@ -140,11 +141,11 @@ def run_demo(out_dir, log=print) -> dict:
   common = dict(data_dir=p("prepared"), train_splits=("train",),
                 validation_splits=("validation",), batch_size=32, strategy="default",
                 verbose=2)
-  stages.run("train the audio model", p("audio", "validation_metrics.json"),
+  stages.run("train the audio model", p("audio", fit.VALIDATION_METRICS),
              lambda: training.train(training.TrainConfig(
                  kind="audio", model_dir=p("audio"), width=0.125, num_frames=288, epochs=15,
                  **common), overwrite=True))
-  stages.run("train the visual model", p("visual", "validation_metrics.json"),
+  stages.run("train the visual model", p("visual", fit.VALIDATION_METRICS),
              lambda: training.train(training.TrainConfig(
                  kind="visual", model_dir=p("visual"), width=0.25, epochs=30, **common),
                  overwrite=True))
@@ -163,7 +164,7 @@ def run_demo(out_dir, log=print) -> dict:
       log(f"  {name:<28} validation mAP {100 * summary['mAP']:.2f}")
 
   stages.run("train the fusion models", p("fusion", "attention_no_output_net",
-                                          "validation_metrics.json"), fusion_stage)
+                                          fit.VALIDATION_METRICS), fusion_stage)
   models = [p("fusion", _fusion_name(f, v), "model.keras") for f, v in FUSIONS]
   result = {}
 

@@ -12,6 +12,7 @@ import os
 import time
 
 from av_sound_tf.core import dataset_info
+from av_sound_tf.train import fit
 from av_sound_tf.train import training
 from data_prep import featurize
 from data_prep import inputs
@@ -60,7 +61,7 @@ def run(esc10_dir, out_dir, folds=(1, 2, 3, 4, 5), log=print, **settings) -> dic
   results = []
   for k in folds:
     model_dir = os.path.join(out_dir, f"fold{k}")
-    metrics_path = os.path.join(model_dir, "validation_metrics.json")
+    metrics_path = os.path.join(model_dir, fit.VALIDATION_METRICS)
     if not os.path.exists(metrics_path):
       start = time.time()
       training.train(training.TrainConfig(

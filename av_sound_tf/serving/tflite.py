@@ -17,8 +17,8 @@ is fragile: tensorflow#63867, keras#19108) in three variants:
   float32 (quantized, it ruins the model: see `_float_front_end`), and inputs/outputs stay
   float32, so every variant takes the same waveform.
 
-Labels ship beside each model as ``<name>.labels.csv`` (the class map): `labels_path` is
-the one rule, for writing and reading (a model whose name does not end in ``.tflite`` is
+Labels ship beside each model as ``<name>.labels.csv`` (the class map): `labels_path_for`
+is the one rule, for writing and reading (a model whose name does not end in ``.tflite`` is
 refused rather than guessed at).
 
 `convert` verifies every variant it writes: each converted model runs through the

@@ -11,7 +11,8 @@ SeCoST stages, distilled students and fusion models.
   so far, read back from ``history.csv``: a resumed run's checkpoint would otherwise start
   from -inf and overwrite the best epoch's weights with the first epoch after the restart,
   however much worse.
-* `callbacks.StopOnNonFiniteLoss` and ``history.csv`` (appended across restarts).
+* `callbacks.StopOnNonFiniteLoss`, ``history.csv`` (appended across restarts) and
+  TensorBoard logs (``<run_dir>/logs``).
 
 and then keeps the selected weights: the best epoch's (``best``) or the last (``last``).
 """
@@ -31,6 +32,18 @@ MODEL_SELECTIONS = ("best", "last")
 HISTORY = "history.csv"
 BEST_WEIGHTS = "best.weights.h5"
 BACKUP = "backup"
+LOGS = "logs"
+VALIDATION_METRICS = "validation_metrics.json"  # written last: the mark of a finished run
+
+
+def start_model_dir(model_dir: str, overwrite: bool = False):
+  """Deletes `model_dir` first with `overwrite`; refuses a finished run (one holding
+  ``validation_metrics.json``) otherwise. An interrupted run is left to be resumed."""
+  if overwrite and tf.io.gfile.exists(model_dir):
+    tf.io.gfile.rmtree(model_dir)
+  if tf.io.gfile.exists(tf.io.gfile.join(model_dir, VALIDATION_METRICS)):
+    raise ValueError(f"{model_dir} holds a finished run; use another --model_dir or "
+                     "--overwrite.")
 
 
 def best_so_far(history_path: str) -> Optional[float]:
@@ -60,7 +73,7 @@ def fit_and_select(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.dat
     steps_per_epoch: batches per epoch (None: one pass over a finite `train_ds`).
     model_selection: ``best`` (the highest val_mAP epoch of the whole run) or ``last``.
     strategy: the tf.distribute strategy the model was built in (None: none).
-    extra_callbacks: called after the loop's own (TensorBoard, tests' probes).
+    extra_callbacks: called after the loop's own (tests' probes).
     verbose: Keras' progress output (0, 1 or 2).
 
   Returns:
@@ -80,6 +93,7 @@ def fit_and_select(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.dat
                                       initial_value_threshold=best_so_far(history_path)),
       callbacks_lib.StopOnNonFiniteLoss(),
       keras.callbacks.CSVLogger(history_path, append=True),
+      keras.callbacks.TensorBoard(tf.io.gfile.join(run_dir, LOGS)),
       *extra_callbacks,
   ]
   # Keras 3.6's fit() under a model-level strategy first takes one batch from the training

@@ -86,11 +86,7 @@ def train_fusion(config: FusionConfig, overwrite=False, extra_callbacks=()) -> d
   to ``<model_dir>/logs``, as the other trainers'; `extra_callbacks` are added to the fit
   after it (tests' probes).
   """
-  if overwrite and tf.io.gfile.exists(config.model_dir):
-    tf.io.gfile.rmtree(config.model_dir)
-  if tf.io.gfile.exists(tf.io.gfile.join(config.model_dir, "validation_metrics.json")):
-    raise ValueError(f"{config.model_dir} holds a finished run; use another --model_dir or "
-                     "--overwrite.")
+  fit.start_model_dir(config.model_dir, overwrite)
   keras.utils.set_random_seed(config.seed)
   info = dataset_info.PredictionsInfo.read(config.predictions_dir)
   num_classes = info.num_classes
@@ -107,8 +103,7 @@ def train_fusion(config: FusionConfig, overwrite=False, extra_callbacks=()) -> d
     model.compile(keras.optimizers.Adam(config.learning_rate),
                   keras.losses.BinaryCrossentropy())
     fit.fit_and_select(model, train_ds, val_ds, config.model_dir, epochs=config.epochs,
-                       extra_callbacks=[keras.callbacks.TensorBoard(
-                           tf.io.gfile.join(config.model_dir, "logs")), *extra_callbacks],
+                       extra_callbacks=extra_callbacks,
                        verbose=config.verbose)
   path = tf.io.gfile.join(config.model_dir, "model.keras")
   model.save(path)
@@ -118,7 +113,7 @@ def train_fusion(config: FusionConfig, overwrite=False, extra_callbacks=()) -> d
                  num_parameters=int(model.count_params()))
   files.write_json(tf.io.gfile.join(config.model_dir, "config.json"),
                    dict(dataclasses.asdict(config), num_classes=num_classes))
-  files.write_json(tf.io.gfile.join(config.model_dir, "validation_metrics.json"), summary)
+  files.write_json(tf.io.gfile.join(config.model_dir, fit.VALIDATION_METRICS), summary)
   logging.info("%s: validation mAP %.4f", model.display_name, summary["mAP"] or float("nan"))
   return summary
 

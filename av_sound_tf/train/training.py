@@ -322,8 +322,7 @@ def _fit_stage(config, data, strategy, stage_dir, stage=0, teacher_path=None,
   best = fit.fit_and_select(
       model, train_ds, val_ds, stage_dir, epochs=config.epochs, steps_per_epoch=steps,
       model_selection=config.model_selection, strategy=strategy, verbose=config.verbose,
-      extra_callbacks=[keras.callbacks.TensorBoard(tf.io.gfile.join(stage_dir, "logs")),
-                       *extra_callbacks])
+      extra_callbacks=extra_callbacks)
   return student, best
 
 
@@ -333,11 +332,7 @@ def train(config: TrainConfig, extra_callbacks=(), overwrite=False) -> dict:
   A model_dir holding an interrupted run is resumed (finished SeCoST stages are kept); one
   holding a finished run is refused unless `overwrite` deletes it first.
   """
-  if overwrite and tf.io.gfile.exists(config.model_dir):
-    tf.io.gfile.rmtree(config.model_dir)
-  if tf.io.gfile.exists(tf.io.gfile.join(config.model_dir, "validation_metrics.json")):
-    raise ValueError(f"{config.model_dir} holds a finished run; use another --model_dir or "
-                     "--overwrite.")
+  fit.start_model_dir(config.model_dir, overwrite)
   previous_policy = keras.mixed_precision.dtype_policy()
   keras.mixed_precision.set_dtype_policy(config.precision)
   try:
@@ -395,5 +390,5 @@ def _train(config, extra_callbacks):
   files.write_json(tf.io.gfile.join(config.model_dir, "config.json"), dict(
       config.to_dict(), num_classes=data.num_classes, embedding_dim=data.embedding_dim,
       num_replicas=strategy.num_replicas_in_sync))
-  files.write_json(tf.io.gfile.join(config.model_dir, "validation_metrics.json"), summary)
+  files.write_json(tf.io.gfile.join(config.model_dir, fit.VALIDATION_METRICS), summary)
   return summary
