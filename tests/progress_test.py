@@ -140,3 +140,33 @@ def test_tag_reports_files_done(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   lines = [l for l in res.stderr.splitlines() if "[tag] " in l]
   assert len(lines) == 1 and "[tag] 3 of 3 files (100.0%), " in lines[0], res.stderr[-3000:]
+
+
+def test_export_reports_int8_calibration_windows(tmp_path):
+  """bin/export --progress_every reaches the int8 calibration: with a long interval only the
+  last "N of N windows" line; with 0 one line per window."""
+  from tests import prep_helpers  # pylint: disable=g-import-not-at-top
+  for i in range(3):
+    _write_wav(tmp_path / f"clip{i}.wav", seconds=2.0 + i)  # distinct files, not duplicates
+  prep_helpers.write_list(tmp_path / "list.csv",
+                          [(str(tmp_path / f"clip{i}.wav"), "a" if i % 2 else "b")
+                           for i in range(3)])
+  data = tmp_path / "data"
+  prep_helpers.run_prepare(str(tmp_path / "list.csv"), data, num_shards=1)
+  keras.utils.set_random_seed(0)
+  audio = str(tmp_path / "audio.keras")
+  models.MILConvNet(num_classes=2, num_frames=128, width=0.0625).save(audio)
+  counts = {}
+  for every in ("3600", "0"):
+    res = run_binary("export", f"--audio_model={audio}",
+                     f"--labels={data / 'class_labels_indices.csv'}",
+                     f"--export_base={tmp_path / ('serving' + every)}",
+                     f"--tflite_dir={tmp_path / ('tflite' + every)}", "--tflite_variants=int8",
+                     f"--data_dir={data}", "--calibration_split=data",
+                     "--tflite_int8_tolerance=1.0", f"--progress_every={every}", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts[every] = [l for l in res.stderr.splitlines() if "[calibrate] " in l]
+  # One window per decodable clip (3 here, of the 100 asked for).
+  assert len(counts["3600"]) == 1 and "[calibrate] 3 of 100 windows" in counts["3600"][0], counts
+  assert [l.split("[calibrate] ")[1].split(" windows")[0] for l in counts["0"]] == [
+      "1 of 100", "2 of 100", "3 of 100"], counts
