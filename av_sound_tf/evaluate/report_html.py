@@ -152,7 +152,7 @@ def clip_media(source: Optional[dict]) -> dict:
     try:
       audio = media.decode_audio(path, start, stop, constants.SAMPLE_RATE)
       out["audio"] = _data_uri("audio/wav", wav_bytes(audio, constants.SAMPLE_RATE))
-    except (media.MediaError, OSError, tf.errors.OpError) as e:
+    except (media.MediaError, OSError, ValueError, tf.errors.OpError) as e:
       out["problems"].append(f"audio not reachable: {e}")
   else:
     out["notes"].append("no audio in this clip")
@@ -160,7 +160,7 @@ def clip_media(source: Optional[dict]) -> dict:
     try:
       frame = media.sample_video_frames(path, 1, FRAME_SIZE, start, end)[0]
       out["frame"] = _data_uri("image/png", tf.io.encode_png(frame).numpy())
-    except (media.MediaError, OSError, tf.errors.OpError) as e:
+    except (media.MediaError, OSError, ValueError, tf.errors.OpError) as e:
       out["problems"].append(f"video not reachable: {e}")
   else:
     out["notes"].append("no video in this clip")
@@ -242,7 +242,7 @@ def _clip_sections(clips, gains, losses, clips_per_class, info, split, log):
       out.append("<p>(no clip of this class)</p>")
     out.append("</div></details>")
   if not picked:
-    out.append("<p>(no class gained or lost)</p>")
+    out.append("<p>(no class to show)</p>")
   return out
 
 
