@@ -122,16 +122,16 @@ def test_resume_refuses_other_flags(esc_list, tmp_path):
 
 
 def test_audio_visual_videos(tmp_path):
-  video = shared_path("video")
-  names = ["moviepy_chaplin.mp4", "openl3_bento.mp4", "moviepy_crunching.mp3",
-           "moviepy_video_with_failing_audio.mp4"]
-  file_list = write_list(tmp_path / "videos.csv",
-                         [(os.path.join(video, n), "Speech") for n in names])
+  # The audio-only input is an ESC-10 clip (Ogg): the vendored subset has no audio-only mp3.
+  paths = [shared_path("video", "moviepy_chaplin.mp4"), shared_path("video", "openl3_bento.mp4"),
+           shared_path("esc10", ESC_CLIPS[0]),
+           shared_path("video", "moviepy_video_with_failing_audio.mp4")]
+  file_list = write_list(tmp_path / "videos.csv", [(p, "Speech") for p in paths])
   common = dict(modalities=("audio", "visual"), embedder="tiny", image_size=64,
                 num_video_frames=8)
   summary = run_prepare(file_list, tmp_path / "strict", **common)
   manifest = {os.path.basename(r["path"]): r for r in read_manifest(tmp_path / "strict")}
-  assert manifest["moviepy_crunching.mp3"]["reason"] == "no video track"
+  assert manifest["1-100032-A.ogg"]["reason"] == "no video track"
   assert manifest["moviepy_chaplin.mp4"]["status"] == "written"
   broken = manifest["moviepy_video_with_failing_audio.mp4"]
   assert broken["status"] == "written" and "digital silence" in broken["warnings"]
@@ -153,8 +153,8 @@ def test_audio_visual_videos(tmp_path):
   ds = schema.read_examples(schema.list_shards(str(tmp_path / "lenient"), "data"), 1,
                             embedding_dim=32)
   by_id = {os.path.basename(ex["clip_id"].numpy().decode()): ex for ex in ds}
-  mp3 = by_id["moviepy_crunching"]
-  assert mp3["has_video"].numpy() == 0 and mp3["has_audio"].numpy() == 1
+  audio_only = by_id["1-100032-A"]
+  assert audio_only["has_video"].numpy() == 0 and audio_only["has_audio"].numpy() == 1
   chaplin = by_id["moviepy_chaplin"]
   assert chaplin["frame_embeddings"].shape == (8, 32)
   np.testing.assert_allclose(chaplin["embedding_mean"].numpy(),
@@ -257,7 +257,7 @@ def test_binary_failure_fraction(esc_list, tmp_path):
 def test_all_esc10_clips(tmp_path):
   """All 400 ESC-10 clips through the binary: five fold splits; log-mel lengths follow the
   clip lengths (most clips are 5.0 s: 499 frames; a few are 3.6 to 7.2 s)."""
-  esc_labels = shared_path("esc10", "labels.csv")
+  esc_labels = shared_path("esc10", "labels.csv", whole_set=True)
   out = tmp_path / "esc10"
   res = _bin("--file_list", esc_labels, "--label_column", "class", "--split_column", "fold",
              "--output_dir", str(out))
