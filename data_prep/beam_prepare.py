@@ -79,7 +79,9 @@ class ProcessClip(beam.DoFn):
     # One thread per worker process: Beam parallelizes over processes and workers.
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    self.processor = featurize.ClipProcessor(self.config)  # builds the embedder once
+    self.processor = featurize.ClipProcessor(self.config)
+    if self.config.visual:  # the embedder (a TFLite interpreter, ResNet-152) once per DoFn
+      _ = self.processor.embedder  # instance, here rather than on its first clip
     self.progress = progress_lib.Progress(None, every=30.0)  # per worker, in the worker's log
 
   def process(self, line):

@@ -168,3 +168,29 @@ def test_duplicates_leaks_and_damaged_shards_as_the_local_writer(tmp_path):
         num_workers=2, log=lambda *_: None)
   assert os.path.exists(tmp_path / "leak" / shards.SPLIT_LEAKS)
   assert not os.path.exists(tmp_path / "leak" / beam_prepare.BEAM_DIR)
+
+
+def test_tflite_embedder_built_once_per_worker_in_setup(tmp_path, monkeypatch):
+  """ProcessClip.setup builds the frame embedder (here the MobileNet TFLite interpreter)
+  before the first clip; every clip of that DoFn instance reuses it."""
+  from av_sound_tf.core import embedders  # pylint: disable=g-import-not-at-top
+  from tests.embedders_test import mobilenet_path  # pylint: disable=g-import-not-at-top
+  clips = sorted(os.listdir(shared_path("real_av", "clips")))[:2]
+  file_list = write_list(tmp_path / "list.csv", [
+      (os.path.join(shared_path("real_av", "clips"), c), "x") for c in clips])
+  config = featurize.PrepareConfig(output_dir=str(tmp_path / "out"),
+                                   modalities=("audio", "visual"),
+                                   embedder=f"tflite:{mobilenet_path()}", num_video_frames=4)
+  _, _, pending, _ = shards.start_run(inputs.from_file_list(file_list), config)
+  built = []
+  build = embedders.build_embedder
+  monkeypatch.setattr(embedders, "build_embedder",
+                      lambda *a, **k: built.append(a) or build(*a, **k))
+  fn = beam_prepare.ProcessClip(config)
+  fn.setup()
+  assert len(built) == 1 and fn.processor._embedder.dim == 1024  # before any clip
+  out = [o for job, shard in pending
+         for o in fn.process(beam_prepare._job_to_json(job, shard))]
+  assert [result.status for _, (_, result) in out] == ["written", "written"]
+  assert [result.embedding_dim for _, (_, result) in out] == [1024, 1024]
+  assert len(built) == 1

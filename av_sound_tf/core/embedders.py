@@ -10,6 +10,16 @@
   called on float images in [0, 1] as the TF-Hub image convention requires.
 * ``tiny``: a small fixed-seed random ConvNet (32-d). It exists so that tests and quick
   runs exercise the whole visual path in milliseconds; it is not a visual model.
+* ``tflite:<path>``: any TFLite image feature-vector model (e.g. the uint8 MobileNet v1
+  embedding extractor, 1024-d). Its input size, dtype and quantization are read from the
+  model: uint8 inputs take the RGB pixels as they are, int8 inputs the pixels minus 128
+  (the quantized image convention: the quantization parameters map them onto whatever
+  range the network was trained on), float inputs RGB in [0, 1] (the TF-Hub convention).
+  Frames of another size are resized (bilinear, antialiased) to the model's. The output is
+  dequantized with its scale and zero point and average-pooled over any spatial axes to one
+  vector per frame. Frames go through in batches when the model lets its batch axis be
+  resized, else one by one. The interpreter is built once per `FrameEmbedder` (one per
+  worker) with the worker's thread count (TensorFlow's intra-op setting, else all cores).
 * ``color_layout``: a fixed, weight-free descriptor (256-d): the frame averaged to an 8 x 8
   RGB thumbnail (192 values, the MPEG-7 "colour layout" idea) plus a 4 x 4 x 4 RGB colour
   histogram (64 values). It needs no download and runs in microseconds per frame, and it
@@ -21,9 +31,12 @@ The per-clip bag vector is the mean of the frame embeddings (`embed_clip`).
 
 `check_embedder(spec, weights)` finds, in milliseconds and without building anything, what
 would stop `build_embedder`: an unknown name, a missing local weights file or TF-Hub folder,
-ImageNet weights that are neither in Keras' cache nor downloadable (no network). Its error
-is one line naming the embedder or the weights; `build_embedder` runs it first, and the
-binaries run it before any clip.
+ImageNet weights that are neither in Keras' cache nor downloadable (no network), a TFLite
+file that is missing, damaged or not an image feature-vector model. Its error is one line
+naming the embedder or the file; `build_embedder` runs it first, and the binaries run it
+before any clip. A URL the probe found reachable is remembered in the environment
+(``AV_SOUND_TF_REACHABLE_URLS``), so the preparation workers, child processes of the
+launcher that already probed, do not probe again.
 """
 
 import dataclasses
@@ -41,7 +54,10 @@ import tensorflow as tf
 
 @dataclasses.dataclass
 class FrameEmbedder:
-  """Maps uint8 RGB frames [n, size, size, 3] to float32 embeddings [n, dim]."""
+  """Maps uint8 RGB frames [n, size, size, 3] to float32 embeddings [n, dim].
+
+  `fn` takes a uint8 batch (numpy) and returns a tensor or an array [batch, dim].
+  """
 
   name: str
   dim: int
@@ -54,7 +70,7 @@ class FrameEmbedder:
     if frames.ndim != 4 or frames.shape[-1] != 3:
       raise ValueError(f"Expected frames [n, h, w, 3]. Received: shape={frames.shape}")
     outputs = [
-        self.fn(tf.constant(frames[i:i + self.batch_size])).numpy()
+        np.asarray(self.fn(frames[i:i + self.batch_size]))
         for i in range(0, frames.shape[0], self.batch_size)
     ]
     return np.concatenate(outputs).astype(np.float32)
@@ -71,6 +87,9 @@ RESNET152_WEIGHTS_FILE = "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5"
 RESNET152_WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
                          + RESNET152_WEIGHTS_FILE)
 NETWORK_TIMEOUT_SECONDS = 5.0
+# URLs a probe found reachable, space-separated; child processes (the preparation workers)
+# inherit it and skip the probe their launcher already made.
+REACHABLE_ENV = "AV_SOUND_TF_REACHABLE_URLS"
 
 
 def _keras_cached(name: str) -> bool:
@@ -92,13 +111,25 @@ def _reachable(url: str, timeout: float) -> bool:
     return False
 
 
+def _probe(url: str, timeout: float) -> bool:
+  """`_reachable`, asked once per process tree: a URL found reachable is remembered in
+  REACHABLE_ENV (inherited by the workers); an unreachable one is asked again next time."""
+  known = os.environ.get(REACHABLE_ENV, "").split()
+  if url in known:
+    return True
+  if not _reachable(url, timeout):
+    return False
+  os.environ[REACHABLE_ENV] = " ".join(known + [url])
+  return True
+
+
 def _check_resnet152_weights(weights: Optional[str], timeout: float):
   weights = weights or "imagenet"
   if weights == "none":
     return
   if weights == "imagenet":
-    if not _keras_cached(RESNET152_WEIGHTS_FILE) and not _reachable(RESNET152_WEIGHTS_URL,
-                                                                     timeout):
+    if not _keras_cached(RESNET152_WEIGHTS_FILE) and not _probe(RESNET152_WEIGHTS_URL,
+                                                                 timeout):
       raise ValueError(
           f"ResNet-152 ImageNet weights are not in Keras' cache and {RESNET152_WEIGHTS_URL} "
           "cannot be reached (no network?): download that file elsewhere and pass it with "
@@ -113,7 +144,7 @@ def _check_hub(path: str, timeout: float):
     cache = os.environ.get("TFHUB_CACHE_DIR",
                            os.path.join(tempfile.gettempdir(), "tfhub_modules"))
     cached = os.path.isdir(os.path.join(cache, hashlib.sha1(path.encode()).hexdigest()))
-    if not cached and not _reachable(path, timeout):
+    if not cached and not _probe(path, timeout):
       raise ValueError(f"TF-Hub module {path} cannot be reached (no network?) and is not in "
                        f"the TF-Hub cache {cache}: use --embedder=hub:<local SavedModel folder>")
     return
@@ -186,7 +217,146 @@ def _color_layout(image_size: int) -> FrameEmbedder:
   return FrameEmbedder("color_layout", grid * grid * 3 + 64, image_size, fn)
 
 
-EMBEDDERS = ("resnet152", "hub:<path>", "tiny", "color_layout")
+# ---- tflite:<path> ------------------------------------------------------------------------
+
+_TFLITE_INPUT_DTYPES = (np.uint8, np.int8, np.float32)
+
+
+def _check_tflite_bytes(content: bytes, path: str):
+  """Raises ValueError naming `path` unless `content` is a whole TFLite flatbuffer (the
+  interpreter does not verify it and crashes the process on a truncated file).
+
+  The same checks as serving/tflite.check_model_bytes, which core cannot import (layering);
+  delete this copy when that function moves down to core (asked in the requests file).
+  """
+  if len(content) < 8 or content[4:8] != b"TFL3":
+    raise ValueError(f"{path}: not a TFLite model (no TFL3 file identifier at bytes 4-8; "
+                     f"{len(content)} bytes)")
+  from tensorflow.lite.python import schema_py_generated as schema_fb  # pylint: disable=g-import-not-at-top
+  try:
+    model = schema_fb.ModelT.InitFromObj(schema_fb.Model.GetRootAsModel(content, 0))
+  except Exception:  # pylint: disable=broad-except  (struct.error, IndexError, ...)
+    raise ValueError(f"{path}: truncated or damaged TFLite model: its flatbuffer does not "
+                     f"parse within the file's {len(content)} bytes") from None
+  for i, buffer in enumerate(model.buffers or []):
+    if buffer.offset and buffer.offset + buffer.size > len(content):
+      raise ValueError(f"{path}: truncated TFLite model: buffer {i} ends at byte "
+                       f"{buffer.offset + buffer.size} of {len(content)}")
+  if not model.subgraphs:
+    raise ValueError(f"{path}: damaged TFLite model: no subgraph")
+
+
+def _dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
+  """Real values of a quantized output (per tensor or per channel); floats pass through."""
+  if detail["dtype"] == np.float32:
+    return values.astype(np.float32)
+  q = detail["quantization_parameters"]
+  scales, zeros = q["scales"], q["zero_points"]
+  if scales.size == 0:  # integer output without quantization: take the integers
+    return values.astype(np.float32)
+  shape = [1] * values.ndim
+  if scales.size > 1:
+    shape[q["quantized_dimension"]] = -1
+  return ((values.astype(np.float32) - zeros.reshape(shape)) * scales.reshape(shape)
+          ).astype(np.float32)
+
+
+class TFLiteFrames:
+  """A TFLite image feature-vector model as a frame function: uint8 frames [n, h, w, 3]
+  -> float32 [n, dim] (see the module docstring for the input and output conventions).
+
+  Raises FileNotFoundError or ValueError, one line naming the file, for a missing file, a
+  damaged flatbuffer, or a model that is not an image feature-vector model (one input
+  [1, height, width, 3] of uint8, int8 or float32; one output [1, ..., dim]).
+  """
+
+  def __init__(self, path: str, num_threads: Optional[int] = None):
+    if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+      raise FileNotFoundError(f"TFLite frame embedder not found: {path}")
+    with tf.io.gfile.GFile(path, "rb") as f:
+      content = f.read()
+    _check_tflite_bytes(content, path)
+    if num_threads is None:  # the worker's setting (1 in preparation workers), else all
+      num_threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
+    try:
+      self.interpreter = tf.lite.Interpreter(model_content=content, num_threads=num_threads)
+    except (ValueError, RuntimeError) as e:
+      raise ValueError(f"{path}: the TFLite interpreter refuses it: "
+                       f"{str(e).splitlines()[0][:200]}") from None
+    inputs = self.interpreter.get_input_details()
+    outputs = self.interpreter.get_output_details()
+    shape = inputs[0]["shape"] if len(inputs) == 1 else []
+    if (len(inputs) != 1 or len(shape) != 4 or shape[-1] != 3
+        or inputs[0]["dtype"] not in _TFLITE_INPUT_DTYPES):
+      raise ValueError(
+          f"{path}: not an image feature-vector model: expected one input [1, height, width, "
+          f"3] of uint8, int8 or float32. Received: "
+          f"{[(list(d['shape']), np.dtype(d['dtype']).name) for d in inputs]}")
+    if (len(outputs) != 1 or len(outputs[0]["shape"]) < 2
+        or outputs[0]["dtype"] not in _TFLITE_INPUT_DTYPES):
+      raise ValueError(
+          f"{path}: not an image feature-vector model: expected one output [1, ..., dim]. "
+          f"Received: {[(list(d['shape']), np.dtype(d['dtype']).name) for d in outputs]}")
+    self.path = path
+    self.input, self.output = inputs[0], outputs[0]
+    self.height, self.width = int(shape[1]), int(shape[2])
+    self.dim = int(outputs[0]["shape"][-1])
+    self.batch = None  # the batch size the tensors are allocated for
+    self.resizable = True  # until the interpreter refuses a batch axis other than 1
+
+  def _allocate(self, n: int) -> int:
+    """Allocates the tensors for a batch of `n` frames where the model lets its batch axis
+    be resized, else for one frame; returns the batch size allocated."""
+    n = n if self.resizable else 1
+    if n == self.batch:
+      return n
+    try:
+      self.interpreter.resize_tensor_input(self.input["index"],
+                                           [n, self.height, self.width, 3])
+      self.interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as e:
+      self.batch = None
+      if n == 1:
+        raise ValueError(f"{self.path}: the TFLite interpreter cannot allocate the model: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+      self.resizable = False
+      return self._allocate(1)
+    self.batch = n
+    return n
+
+  def _to_input(self, frames: np.ndarray) -> np.ndarray:
+    if frames.shape[1:3] != (self.height, self.width):
+      frames = tf.cast(tf.round(tf.clip_by_value(tf.image.resize(
+          frames, [self.height, self.width], antialias=True), 0, 255)), tf.uint8).numpy()
+    dtype = self.input["dtype"]
+    if dtype == np.uint8:
+      return np.ascontiguousarray(frames)
+    if dtype == np.int8:
+      return (frames.astype(np.int16) - 128).astype(np.int8)
+    return frames.astype(np.float32) / 255.0
+
+  def _run(self, x: np.ndarray) -> np.ndarray:
+    self.interpreter.set_tensor(self.input["index"], x)
+    self.interpreter.invoke()
+    out = _dequantize(self.interpreter.get_tensor(self.output["index"]), self.output)
+    return out.reshape(x.shape[0], -1, self.dim).mean(axis=1)  # pool any spatial axes
+
+  def __call__(self, frames) -> np.ndarray:
+    x = self._to_input(np.asarray(frames, np.uint8))
+    if self._allocate(x.shape[0]) == x.shape[0]:
+      return self._run(x)
+    return np.concatenate([self._run(x[i:i + 1]) for i in range(x.shape[0])])
+
+
+def _tflite(path: str) -> FrameEmbedder:
+  frames = TFLiteFrames(path)
+  # Measured on the MobileNet v1 embedder (benchmarks/embedder_benchmark.py): batches of 16
+  # and frame-by-frame cost the same per frame; 16 bounds the activations' memory.
+  return FrameEmbedder(f"tflite:{path}", frames.dim, max(frames.height, frames.width),
+                       frames, batch_size=16)
+
+
+EMBEDDERS = ("resnet152", "hub:<path>", "tflite:<path>", "tiny", "color_layout")
 
 
 def build_embedder(spec: str = "resnet152", weights: Optional[str] = None,
@@ -194,10 +364,14 @@ def build_embedder(spec: str = "resnet152", weights: Optional[str] = None,
   """Builds a frame embedder from its name (see the module docstring).
 
   Args:
-    spec: ``resnet152``, ``hub:<module path or URL>``, ``tiny`` or ``color_layout``.
+    spec: ``resnet152``, ``hub:<module path or URL>``, ``tflite:<path>``, ``tiny`` or
+      ``color_layout``.
     weights: for ``resnet152``: ``imagenet`` (default), ``none``, or a local weights file.
-    image_size: square input size the frames are cropped to.
+    image_size: square input size the frames are cropped to (``tflite:`` embedders take
+      the model's own size, and resize frames of another size to it).
   """
+  if spec.startswith("tflite:") and len(spec) > len("tflite:"):
+    return _tflite(spec[len("tflite:"):])  # checks the file as it reads it, once
   check_embedder(spec, weights, image_size)  # refuses every name not handled below
   if spec == "resnet152":
     return _resnet152(weights, image_size)
@@ -216,14 +390,18 @@ def check_embedder(spec: str = "resnet152", weights: Optional[str] = None,
   seconds for a network probe (only when ImageNet weights or a hub URL are not cached).
 
   Raises:
-    ValueError: an unknown embedder, an image size color_layout cannot use, or weights or
-      a module that need an unreachable download.
-    FileNotFoundError: a local weights file or TF-Hub folder that does not exist.
+    ValueError: an unknown embedder, an image size color_layout cannot use, weights or
+      a module that need an unreachable download, or a TFLite file that is damaged or not
+      an image feature-vector model.
+    FileNotFoundError: a local weights file, TF-Hub folder or TFLite file that does not
+      exist.
   """
   if spec == "resnet152":
     _check_resnet152_weights(weights, timeout)
   elif spec.startswith("hub:") and len(spec) > len("hub:"):
     _check_hub(spec[len("hub:"):], timeout)
+  elif spec.startswith("tflite:") and len(spec) > len("tflite:"):
+    TFLiteFrames(spec[len("tflite:"):], num_threads=1)  # reads and checks; no tensors
   elif spec == "color_layout":
     if image_size % _COLOR_GRID:
       raise ValueError(f"color_layout needs image_size divisible by {_COLOR_GRID}. "
