@@ -117,3 +117,52 @@ def test_mixed_bfloat16_keeps_float32_scores(tmp_path):
     test_case.run_fit_test(model, x, np.eye(4, dtype=np.float32))
   finally:
     keras.mixed_precision.set_dtype_policy("float32")
+
+
+def _batch_norm_step(layer, x, upstream):
+  """One training-mode call: outputs, gradients (input, gamma, beta), moving statistics."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = layer(x, training=True)
+    loss = tf.reduce_sum(y * upstream)
+  grads = tape.gradient(loss, [x, layer.gamma.value, layer.beta.value])
+  return [y.numpy()] + [g.numpy() for g in grads] + [layer.moving_mean.numpy(),
+                                                     layer.moving_variance.numpy()]
+
+
+@pytest.mark.parametrize("shape", [[4, 37, 11, 16], [3, 30, 8]])
+def test_fused_batch_norm_trains_like_keras(shape):
+  """models.BatchNormalization (fused kernel for 4-D float32 training batches) against
+  keras.layers.BatchNormalization: outputs, gradients and moving statistics after a step,
+  then the inference outputs. Moving statistics use the biased batch variance, as Keras'."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  x = tf.constant(rng.normal(3.0, 2.0, shape).astype(np.float32))
+  upstream = tf.constant(rng.normal(size=shape).astype(np.float32))
+  gamma = rng.normal(1.0, 0.3, shape[-1]).astype(np.float32)
+  beta = rng.normal(0.0, 0.3, shape[-1]).astype(np.float32)
+  ours = models.BatchNormalization(momentum=0.9)
+  theirs = keras.layers.BatchNormalization(momentum=0.9)
+  for layer in (ours, theirs):
+    layer.build(x.shape)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+  got, want = _batch_norm_step(ours, x, upstream), _batch_norm_step(theirs, x, upstream)
+  for name, g, w in zip(("y", "d/dx", "d/dgamma", "d/dbeta", "moving mean",
+                         "moving variance"), got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(), err_msg=name)
+  np.testing.assert_allclose(ours(x, training=False), theirs(x, training=False), atol=1e-5)
+  assert ours.__class__.__name__ == theirs.__class__.__name__  # saved weights keyed by it
+
+
+def test_table1_training_step_uses_the_fused_batch_norm_kernel():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  model = models.MILConvNet(num_classes=3, num_frames=128, width=0.0625)
+  step = tf.function(lambda x: model(x, training=True)).get_concrete_function(
+      tf.TensorSpec([2, 128, 64], tf.float32))
+  ops = [op.type for op in step.graph.get_operations()]
+  assert ops.count("FusedBatchNormV3") == 9  # B1-B4 twice and B5; B6 and B7 are 3-D
+  inference = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+      tf.TensorSpec([2, 128, 64], tf.float32))
+  assert "FusedBatchNormV3" not in [op.type for op in inference.graph.get_operations()]

@@ -15,6 +15,7 @@ aggregates them to clip (bag) scores; the paper uses global average pooling.
 import keras
 from keras import layers
 from keras import ops
+import tensorflow as tf
 
 from av_sound_tf.core import constants
 
@@ -96,15 +97,48 @@ class MILAggregation(keras.layers.Layer):
     return config
 
 
+@keras.saving.register_keras_serializable(package=constants.PACKAGE)
+class BatchNormalization(layers.BatchNormalization):
+  """Keras' batch normalization; its training step on 4-D float32 batches (the conv
+  blocks) runs TensorFlow's fused kernel.
+
+  Keras 3.6 normalizes with separate moments, normalize and gradient ops: on Table 1 at
+  batch 8 x 1024 frames that is about a fifth of the CPU time of a training step (B1's
+  activations are 134 MB each), and FusedBatchNormV3 (one pass forward, one backward) cuts
+  the step's CPU time by about 20 % (docs/benchmarks.md, benchmarks/peers_benchmark.py).
+  Same variables, the same batch statistics (the moving variance is updated with the
+  biased batch variance, as Keras does; the kernel returns the unbiased one), the same
+  results up to float rounding (tests/models_test.py). Inference, other ranks, other
+  dtypes, masks and synchronized statistics take Keras' own path unchanged. The class keeps
+  Keras' name: saved weights are keyed by it, so files written before load as they did.
+  """
+
+  def call(self, inputs, training=None, mask=None):
+    if not (training and self.trainable) or mask is not None or self.synchronized or len(
+        inputs.shape) != 4 or self.axis not in (-1, 3) or inputs.dtype != tf.float32:
+      return super().call(inputs, training=training, mask=mask)
+    channels = inputs.shape[-1]
+    gamma = self.gamma if self.scale else tf.ones([channels], tf.float32)
+    beta = self.beta if self.center else tf.zeros([channels], tf.float32)
+    outputs, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
+        inputs, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True)
+    count = tf.cast(tf.size(inputs, tf.int64) // channels, tf.float32)
+    variance = unbiased * ((count - 1.0) / count)
+    self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+    self.moving_variance.assign(
+        self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+    return outputs
+
+
 def _conv_bn_relu(x, filters, kernel, name, padding="same", momentum=0.99):
   x = layers.Conv2D(filters, kernel, padding=padding, use_bias=False, name=f"{name}_conv")(x)
-  x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn")(x)
+  x = BatchNormalization(momentum=momentum, name=f"{name}_bn")(x)
   return layers.ReLU(name=f"{name}_relu")(x)
 
 
 def _dense_bn_relu(x, units, name, momentum=0.99):
   x = layers.Dense(units, use_bias=False, name=f"{name}_dense")(x)
-  x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn")(x)
+  x = BatchNormalization(momentum=momentum, name=f"{name}_bn")(x)
   return layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -278,7 +312,7 @@ def _separable(x, filters, stride, name, kernel=3, padding="same"):
   """MobileNet v1 block: depthwise conv-BN-ReLU, then pointwise conv-BN-ReLU."""
   x = layers.DepthwiseConv2D(kernel, strides=stride, padding=padding, use_bias=False,
                              name=f"{name}_dw")(x)
-  x = layers.BatchNormalization(momentum=MOBILE_BN_MOMENTUM, name=f"{name}_dw_bn")(x)
+  x = BatchNormalization(momentum=MOBILE_BN_MOMENTUM, name=f"{name}_dw_bn")(x)
   x = layers.ReLU(name=f"{name}_dw_relu")(x)
   return _conv_bn_relu(x, filters, 1, f"{name}_pw", momentum=MOBILE_BN_MOMENTUM)
 
@@ -338,7 +372,7 @@ class MobileMIL(_AudioMIL):
     x = layers.Reshape((-1, num_mel_bins, 1), name="add_channel")(x)
     x = layers.Conv2D(_scaled(MOBILE_STEM, width), 3, strides=2, padding="same",
                       use_bias=False, name="stem_conv")(x)
-    x = layers.BatchNormalization(momentum=MOBILE_BN_MOMENTUM, name="stem_bn")(x)
+    x = BatchNormalization(momentum=MOBILE_BN_MOMENTUM, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     for i, (filters, stride) in enumerate(MOBILE_BLOCKS):
       x = _separable(x, _scaled(filters, width), stride, f"block{i + 1}")
@@ -373,7 +407,6 @@ def count_flops(model: keras.Model, num_frames: int = 1001) -> dict:
   """Floating-point operations (multiply and add counted separately) of one forward pass
   for one clip of `num_frames` log-mel frames (1001 = 10 s), by TensorFlow's graph
   profiler, and the parameter count."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top
   fixed = with_num_frames(model, num_frames)
   fn = tf.function(lambda x: fixed(x, training=False)).get_concrete_function(
