@@ -36,5 +36,9 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "librosa>=0.10"],
         # Distributed preparation (Dataflow, Flink, Spark, DirectRunner); see BUILD.md.
         "beam": ["apache-beam==2.77.0"],
+        # TFLite Model Metadata (bin/export --tflite_dir refuses to convert without it);
+        # see requirements.txt and BUILD.md for why this version and these pins.
+        "tflite": ["mediapipe==0.10.21", "jax==0.5.3", "jaxlib==0.5.3",
+                   "opencv-contrib-python==4.11.0.86"],
     },
 )

@@ -1,9 +1,13 @@
 """TFLite tagger: conversion of every variant and parity with the SavedModel on ESC-10, for
-both audio architectures (the paper's model and the on-device student)."""
+both audio architectures (the paper's model and the on-device student), and the TFLite
+Model Metadata on each (MediaPipe's AudioClassifier on it: tests/metadata_test.py)."""
 
+import csv
 import glob
+import io
 import json
 import os
+import zipfile
 
 import keras
 import numpy as np
@@ -12,6 +16,7 @@ import tensorflow as tf
 
 from av_sound_tf.serving import export
 from av_sound_tf.core import labels
+from av_sound_tf.serving import metadata
 from av_sound_tf.core import media
 from av_sound_tf.modeling import models
 from av_sound_tf.serving import tflite
@@ -91,6 +96,67 @@ def test_int8_keeps_the_front_end_in_float(converted):
   assert log and all(details[op["outputs"][0]]["dtype"] == np.float32 for op in log)
   convs = [op for op in ops if op["op_name"] == "CONV_2D"]
   assert convs and all(details[op["outputs"][0]]["dtype"] == np.int8 for op in convs)
+
+
+def test_every_variant_carries_metadata(converted):
+  """float32, float16 and int8, of the paper's model and of the student (mobile_mil, what
+  bin/distill trains and bin/export converts through the same `convert`): the metadata,
+  read back with MediaPipe's MetadataDisplayer, describes the input as 16 kHz mono audio
+  with its window length, and packs the class map (checked against the CSV, and against
+  the zip read with the standard library) as the clip scores' label files."""
+  _, paths = converted
+  data = os.path.join(os.path.dirname(os.path.dirname(paths["float32"])), "data")
+  with open(os.path.join(data, "class_labels_indices.csv"), newline="") as f:
+    rows = list(csv.DictReader(f))
+  mids, names = [r["mid"] for r in rows], [r["display_name"] for r in rows]
+  assert len(rows) >= 2  # the classes of the fixture's 12 clips
+  for variant, path in paths.items():
+    content = open(path, "rb").read()
+    meta = metadata.read(content)
+    assert meta["name"] == f"audio_tagger_{variant}"
+    (graph,) = meta["subgraph_metadata"]
+    (waveform,) = graph["input_tensor_metadata"]
+    assert waveform["name"] == "waveform"
+    assert waveform["content"] == {"content_properties_type": "AudioProperties",
+                                   "content_properties": {"sample_rate": 16000, "channels": 1}}
+    assert waveform["description"].startswith(
+        "1 s window of 16000 Hz mono audio: float32 waveform [1, 16000] (16000 samples)")
+    outputs = {t["name"]: t for t in graph["output_tensor_metadata"]}
+    assert sorted(outputs) == ["clip_scores", "segment_scores"]
+    clip = outputs["clip_scores"]
+    assert clip["stats"] == {"max": [1.0], "min": [0.0]}
+    assert [(f["name"], f["type"], f.get("locale")) for f in clip["associated_files"]] == [
+        ("labels.txt", "TENSOR_AXIS_LABELS", None), ("labels_en.txt", "TENSOR_AXIS_LABELS", "en")]
+    assert metadata.packed_file(content, "labels.txt").decode().split("\n") == mids
+    assert metadata.packed_file(content, "labels_en.txt").decode().split("\n") == names
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:  # independent of the library
+      assert archive.read("labels_en.txt").decode().split("\n") == names
+    label_map, source = tflite.read_label_map(path)
+    assert source == "metadata" and label_map.mids == mids and label_map.names == names
+    details = tf.lite.Interpreter(model_content=content).get_input_details()
+    assert [list(d["shape"]) for d in details] == [[1, 16000]]
+    # MediaPipe's AudioClassifier takes the file as it is: the clip_scores head, labelled,
+    # scores as our interpreter does on a real window.
+    window = _windows(1)[0]
+    expected = tflite.Runner(path)(window)["clip_scores"][0]
+    got = _mediapipe_clip_scores(path, window[0])
+    assert [c.display_name for c in got] == [names[c.index] for c in got]
+    np.testing.assert_allclose([c.score for c in sorted(got, key=lambda c: c.index)],
+                               expected, atol=1e-5, err_msg=variant)
+
+
+def _mediapipe_clip_scores(path, window):
+  """The categories of the clip_scores head that MediaPipe's AudioClassifier gives for one
+  16 kHz window."""
+  from mediapipe.tasks.python.audio import audio_classifier  # pylint: disable=g-import-not-at-top
+  from mediapipe.tasks.python.components.containers import audio_data  # pylint: disable=g-import-not-at-top
+  from mediapipe.tasks.python.core import base_options  # pylint: disable=g-import-not-at-top
+  options = audio_classifier.AudioClassifierOptions(
+      base_options=base_options.BaseOptions(model_asset_path=path), max_results=-1)
+  with audio_classifier.AudioClassifier.create_from_options(options) as classifier:
+    (result,) = classifier.classify(audio_data.AudioData.create_from_array(window, 16000))
+  (head,) = [c for c in result.classifications if c.head_name == "clip_scores"]
+  return head.categories
 
 
 def test_runner_rejects_wrong_window(converted):

@@ -17,9 +17,14 @@ is fragile: tensorflow#63867, keras#19108) in three variants:
   float32 (quantized, it ruins the model: see `_float_front_end`), and inputs/outputs stay
   float32, so every variant takes the same waveform.
 
-Labels ship beside each model as ``<name>.labels.csv`` (the class map): `labels_path_for`
-is the one rule, for writing and reading (a model whose name does not end in ``.tflite`` is
-refused rather than guessed at).
+Every variant carries TFLite Model Metadata (`metadata.write`, MediaPipe's metadata
+writers): the input described as 16 kHz mono audio with its window length, the outputs as
+scores, the class map packed as label files of ``clip_scores``; MediaPipe's
+``AudioClassifier`` runs the file as it is. The class map also ships beside each model as
+``<name>.labels.csv``: `labels_path_for` is the one rule for that sidecar, for writing and
+reading (a model whose name does not end in ``.tflite`` is refused rather than guessed at).
+`read_label_map` (bin/tag --tflite) takes the metadata's class map first and the sidecar
+for a model written before metadata existed.
 
 `convert` verifies every variant it writes: each converted model runs through the
 interpreter on real windows (the int8 representative windows, decoded from the training
@@ -40,14 +45,17 @@ import os
 import tempfile
 from typing import Iterable, Optional
 
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
 
 from av_sound_tf.serving import export
+from av_sound_tf.serving import metadata
 from av_sound_tf.core import dataset_info
 from av_sound_tf.core import features
 from av_sound_tf.core import files
+from av_sound_tf.core import labels as labels_lib
 from av_sound_tf.core import media
 from av_sound_tf.core import model_files
 from av_sound_tf.core import progress as progress_lib
@@ -82,7 +90,8 @@ def check_model_bytes(content: bytes, path: str = "<bytes>"):
   The interpreter builds its model without verifying the flatbuffer, so a truncated file
   crashes the process (exit 139). Here: the file identifier ``TFL3`` (bytes 4-8), then a
   complete parse with the schema's generated Python reader, whose every read is bounds
-  checked, and every external buffer (offset, size) inside the file.
+  checked, and every external buffer (offset, size) inside the file; for a model with TFLite
+  metadata, the associated files packed after the flatbuffer (`metadata.check_packed_files`).
   """
   if not content:
     raise ValueError(f"{path}: empty file (0 bytes), not a TFLite model")
@@ -101,6 +110,7 @@ def check_model_bytes(content: bytes, path: str = "<bytes>"):
                        f"{buffer.offset + buffer.size} of {len(content)}")
   if not model.subgraphs:
     raise ValueError(f"{path}: damaged TFLite model: no subgraph")
+  metadata.check_packed_files(content, path)  # the label files packed after the flatbuffer
 
 
 def read_model(path: str) -> bytes:
@@ -115,6 +125,36 @@ def read_model(path: str) -> bytes:
     content = f.read()
   check_model_bytes(content, path)
   return content
+
+
+def read_label_map(model_path: str, content: Optional[bytes] = None):
+  """The class map of a .tflite tagger and where it came from: (LabelMap, source).
+
+  From the model's TFLite metadata (`metadata.read_label_map`; source "metadata") when it
+  has any, else from the ``<name>.labels.csv`` sidecar (a model converted before metadata
+  existed; source: the sidecar's path). `content`: the model's bytes when already read.
+  A model whose metadata cannot be read here (the metadata library is not installed) falls
+  back to the sidecar with a warning; FileNotFoundError when there is neither.
+  """
+  sidecar = labels_path_for(model_path)  # refuses a name without .tflite
+  if content is None:
+    content = read_model(model_path)
+  missing_library = None
+  if metadata.has_metadata(content):
+    try:
+      return metadata.read_label_map(content, model_path), "metadata"
+    except metadata.MissingLibraryError as e:
+      missing_library = e
+  if not tf.io.gfile.exists(sidecar):
+    if missing_library:
+      raise FileNotFoundError(f"{model_path}: its class map is in its TFLite metadata, which "
+                              f"cannot be read here ({missing_library}), and {sidecar} (the "
+                              "class map beside the .tflite) is not there") from None
+    raise FileNotFoundError(f"{model_path}: no class map: the model has no TFLite metadata "
+                            f"and {sidecar} (the class map beside the .tflite) is not there")
+  if missing_library:
+    logging.warning("%s: class map from %s (%s)", model_path, sidecar, missing_library)
+  return labels_lib.LabelMap.from_csv(sidecar), sidecar
 
 
 def _window_archive(audio_model, samples):
@@ -218,6 +258,8 @@ def convert(audio_model_path: str, labels_path: str, output_dir: str,
     raise ValueError(f"Unknown TFLite variants {bad}; expected {VARIANTS}")
   if "int8" in variants and not data_dir:
     raise ValueError("The int8 variant needs --data_dir for its representative dataset.")
+  metadata.check_available()  # before any work: no tagger is written without metadata
+  label_map = labels_lib.LabelMap.from_csv(labels_path)
   tolerances = {**TOLERANCES, **(tolerances or {})}
   audio = model_files.load_keras_model(audio_model_path, "Audio model")
   samples = int(round(window_seconds * features.DEFAULT_PARAMS.sample_rate))
@@ -251,6 +293,8 @@ def convert(audio_model_path: str, labels_path: str, output_dir: str,
       if variant == "int8":
         model = _float_front_end(converter, model, windows)
       path = tf.io.gfile.join(output_dir, f"{name}_{variant}.tflite")
+      model = metadata.write(model, label_map, features.DEFAULT_PARAMS.sample_rate,
+                             name=f"{name}_{variant}", path=path)
       # Checked before it is written: a model beyond its tolerance never reaches the folder.
       verification[variant] = verify_variant(model, batch, reference, tolerances[variant],
                                              f"TFLite {variant} model {path}")
@@ -263,6 +307,7 @@ def convert(audio_model_path: str, labels_path: str, output_dir: str,
       "window_seconds": window_seconds, "window_samples": samples,
       "sample_rate": features.DEFAULT_PARAMS.sample_rate,
       "variants": out, "audio_model": audio_model_path,
+      "metadata": f"TFLite Model Metadata in every variant ({metadata.REQUIREMENT} writers)",
       "verified_against": f"the Keras model's clip scores on {source}",
       "verification": verification})
   return Converted(out, verification, info_path)
