@@ -30,6 +30,7 @@ import tensorflow as tf
 from av_sound_tf.core import constants
 from av_sound_tf.core import files
 from av_sound_tf.core import truncation as truncation_lib
+from av_sound_tf.core import video_frames
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".m4a", ".aac", ".opus", ".wma",
                     ".aiff", ".aif")
@@ -261,70 +262,85 @@ def read_audio(path, start_seconds=None, end_seconds=None,
                       truncation)
 
 
-def _fit_frame(frame, image_size):
-  """Resizes the shorter side to image_size * 256 / 224 and center-crops image_size^2.
+@dataclasses.dataclass
+class SampledFrames:
+  """Frames sampled from a video segment (`sample_video`).
 
-  The standard ImageNet evaluation transform (resize 256, center crop 224).
+  Attributes:
+    frames: uint8 [num_frames, image_size, image_size, 3] RGB.
+    times: float64 [num_frames], the presentation time (seconds) of each picked frame.
+    targets: float64 [num_frames], the times the rule aimed at (`video_frames`).
   """
-  width, height = frame.width, frame.height
-  scale = image_size * 256 / 224 / min(width, height)
-  new_w = max(image_size, int(round(width * scale)))
-  new_h = max(image_size, int(round(height * scale)))
-  rgb = frame.to_ndarray(format="rgb24", width=new_w, height=new_h)
-  top = (new_h - image_size) // 2
-  left = (new_w - image_size) // 2
-  return rgb[top:top + image_size, left:left + image_size]
+
+  frames: np.ndarray
+  times: np.ndarray
+  targets: np.ndarray
+
+
+def sample_video(path, num_frames=64, image_size=224, start_seconds=None,
+                 end_seconds=None) -> SampledFrames:
+  """Samples `num_frames` frames spread evenly over a video segment (paper Sec. 3.2).
+
+  Frame k is the first frame at or after time start + (k + 0.5) * duration / num_frames
+  (end: `end_seconds`, else the container's duration); a video that ends early repeats
+  its last frame. Frames are resized (shorter side image_size * 256 / 224) and
+  center-cropped to image_size x image_size RGB. Only the frames the picks need are
+  decoded (non-reference frames that are not picked are skipped), and only picked frames
+  are converted; see `core.video_frames` for the rule and how it is kept exact.
+
+  Returns:
+    `SampledFrames`.
+
+  Raises:
+    MediaError: no video track or no decodable frame.
+    ValueError: num_frames < 1.
+  """
+  if num_frames < 1:
+    raise ValueError(f"num_frames must be >= 1. Received: {num_frames}")
+  convert = video_frames.FrameFitter(image_size)
+  picked = None
+  with _open(path) as container:
+    stream, targets = _video_segment(path, container, num_frames, start_seconds, end_seconds)
+    try:
+      picked = video_frames.sample_frames(container, stream, targets, convert)
+    except av.error.FFmpegError:
+      picked = None  # e.g. a demuxing error: decode frame by frame below
+  if picked is None:
+    with _open(path) as container:
+      stream, targets = _video_segment(path, container, num_frames, start_seconds,
+                                       end_seconds)
+      try:
+        picked = video_frames.sample_frames_sequentially(container, stream, targets, convert)
+      except video_frames.NoFrames as e:
+        raise MediaError(path, str(e)) from e
+  frames, times = picked
+  return SampledFrames(np.stack(frames), np.asarray(times, np.float64),
+                       np.asarray(targets, np.float64))
+
+
+def _video_segment(path, container, num_frames, start_seconds, end_seconds):
+  """The first video stream (threads on) and the targets; seeks to the segment's start."""
+  streams = [s for s in container.streams.video if not _is_cover_art(s)]
+  if not streams:
+    raise MediaError(path, "no video track")
+  stream = streams[0]
+  stream.thread_type = "AUTO"  # frame and slice threads: the fastest full decode here
+  start = float(start_seconds or 0.0)
+  end = end_seconds if end_seconds is not None else _duration(container)
+  if not end or end <= start:
+    end = start + 1.0  # unknown duration: targets fall back to the first frames
+  if start > 0:
+    try:
+      container.seek(int(start * av.time_base), any_frame=False)
+    except av.error.FFmpegError:
+      pass
+  return stream, video_frames.frame_targets(num_frames, start, end)
 
 
 def sample_video_frames(path, num_frames=64, image_size=224, start_seconds=None,
                         end_seconds=None) -> np.ndarray:
-  """Samples `num_frames` frames uniformly over a video segment (paper Sec. 3.2).
-
-  Frame k is the first decoded frame at or after time start + (k + 0.5) * duration /
-  num_frames; a video that ends early repeats its last frame. Frames are resized and
-  center-cropped to image_size x image_size RGB.
-
-  Returns:
-    uint8 array [num_frames, image_size, image_size, 3].
-
-  Raises:
-    MediaError: no video track or no decodable frame.
-  """
-  with _open(path) as container:
-    streams = [s for s in container.streams.video if not _is_cover_art(s)]
-    if not streams:
-      raise MediaError(path, "no video track")
-    stream = streams[0]
-    stream.thread_type = "AUTO"
-    start = float(start_seconds or 0.0)
-    end = end_seconds if end_seconds is not None else _duration(container)
-    if not end or end <= start:
-      end = start + 1.0  # unknown duration: targets fall back to the first frames
-    targets = [start + (k + 0.5) * (end - start) / num_frames for k in range(num_frames)]
-    if start > 0:
-      try:
-        container.seek(int(start * av.time_base), any_frame=False)
-      except av.error.FFmpegError:
-        pass
-    picked = []
-    last = None
-    try:
-      for frame in container.decode(stream):
-        last = frame
-        time = frame.time if frame.time is not None else 0.0
-        while len(picked) < num_frames and time >= targets[len(picked)]:
-          picked.append(_fit_frame(frame, image_size))
-        if len(picked) == num_frames:
-          break
-    except (av.error.FFmpegError, ValueError) as e:
-      if last is None:
-        raise MediaError(path, f"video track does not decode ({_short(e)})") from e
-    if last is None:
-      raise MediaError(path, "video track holds no frames")
-    if len(picked) < num_frames:
-      tail = _fit_frame(last, image_size)
-      picked.extend([tail] * (num_frames - len(picked)))
-  return np.stack(picked)
+  """`sample_video`'s frames: uint8 [num_frames, image_size, image_size, 3]."""
+  return sample_video(path, num_frames, image_size, start_seconds, end_seconds).frames
 
 
 def media_kind(path) -> str:
