@@ -2,13 +2,15 @@
 any clip (issue 17 items 2 and 4)."""
 
 import os
+import subprocess
+import sys
 
 from absl import flags
 import numpy as np
 import soundfile
 
 from av_sound_tf import cli
-from tests.conftest import run_binary
+from tests.conftest import REPO, run_binary
 
 
 def test_flagfile_lines_spell_every_flag_of_the_binary():
@@ -147,3 +149,22 @@ def test_paths_on_other_file_systems_are_prepared_or_refused_before_any_work(tmp
                    "--data_dir=hdfs://localhost:1/d", "--splits=eval", timeout=300)
   assert res.returncode == 2 and "Traceback" not in res.stderr
   assert "not implemented" not in res.stderr and "libhdfs" in res.stderr, res.stderr
+
+
+def test_export_without_the_metadata_library_stops_before_any_work(tmp_path):
+  """bin/export --tflite_dir without mediapipe: one line naming the library, nothing written
+  (the SavedModel export would otherwise run first and leave a version folder behind)."""
+  fake = tmp_path / "fake" / "mediapipe"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text("raise ImportError('simulated: mediapipe not installed')\n")
+  env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
+  res = subprocess.run([sys.executable, os.path.join(REPO, "bin", "export"),
+                        f"--audio_model={tmp_path / 'audio.keras'}",
+                        f"--labels={tmp_path / 'labels.csv'}",
+                        f"--export_base={tmp_path / 'serving'}",
+                        f"--tflite_dir={tmp_path / 'tflite'}"],
+                       capture_output=True, text=True, timeout=300, env=env)
+  assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+  errors = [l for l in res.stderr.splitlines() if "mediapipe" in l]
+  assert errors and "simulated: mediapipe not installed" in errors[-1], res.stderr[-2000:]
+  assert not (tmp_path / "serving").exists() and not (tmp_path / "tflite").exists()
