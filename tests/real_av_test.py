@@ -6,7 +6,7 @@ The clips have odd frame sizes (298x224, 398x224, portrait 576x720, up to 1280x7
 at 22.05 and 44.1 kHz, mono and stereo, frame rates from 15.25 to 30 fps (each clip's own
 rate is constant: none of the 30 has a variable frame rate, checked with PyAV's packet
 timestamps), 6 to 10 s long. FIVE covers each of these in `make test`; the test over all 30
-is marked slow (about 2 minutes on 2 busy cores).
+is marked slow (288 s wall, 1.8 CPU-minutes, on 2 cores shared with other jobs).
 """
 
 import csv
