@@ -166,13 +166,8 @@ def decode_audio(path, start_seconds=None, end_seconds=None,
 
 def read_audio(path, start_seconds=None, end_seconds=None,
                sample_rate=constants.SAMPLE_RATE) -> DecodedAudio:
-  """Decodes the first audio track to mono float32 at `sample_rate`.
-
-  Frames are decoded by FFmpeg, averaged over channels, cut to the segment at the native
-  rate, and resampled with libsoxr (``soxr``, "HQ" quality) in a stream, in ~1 s blocks:
-  libsoxr was chosen by measurement (3.3x faster than FFmpeg's swresample through PyAV on a
-  10 s 44.1 kHz clip, benchmarks/decode_benchmark.py), and per-frame resampler calls cost
-  more than the filtering.
+  """Decodes the first audio track to mono float32 at `sample_rate`: the whole of
+  `iter_audio`'s blocks (1 s blocks; see there for the decoding and the errors).
 
   Args:
     path: audio or video file (local path or any tf.io.gfile URL).
@@ -188,78 +183,147 @@ def read_audio(path, start_seconds=None, end_seconds=None,
     `DecodedAudio`.
 
   Raises:
-    MediaError: no audio track, undecodable audio, or no samples in the segment.
+    MediaError: no audio track, undecodable audio, no samples in the segment, or NaN or
+      Inf samples.
   """
-  with _open(path) as container:
-    if not container.streams.audio:
-      raise MediaError(path, "no audio track")
-    stream = container.streams.audio[0]
-    declared_end = truncation_lib.declared_end(container, stream)
-    formats = container.format.name.split(",")
-    if start_seconds and start_seconds > 0:
-      # Seek lands at or before the wanted time; decoded frames carry their own times.
-      try:
-        container.seek(int(start_seconds * av.time_base), any_frame=False)
-      except av.error.FFmpegError:
-        pass
-    resampler, rate, first_time = None, None, 0.0
-    begin = stop = None  # the segment in native samples from the first decoded frame
-    position = 0  # native samples decoded so far
-    pending, pending_len, chunks = [], 0, []
+  stream = iter_audio(path, 1.0, start_seconds, end_seconds, sample_rate)
+  waveform = np.concatenate(list(stream))
+  truncation = stream.truncation()  # may raise declared_end_seconds (a cut WAV's header)
+  return DecodedAudio(waveform, sample_rate, stream.declared_end_seconds,
+                      stream.decoded_end_seconds, truncation)
 
-    def flush(last=False):
-      nonlocal pending, pending_len
-      x = np.concatenate(pending) if pending else np.zeros([0], np.float32)
+
+def iter_audio(path, block_seconds=1.0, start_seconds=None, end_seconds=None,
+               sample_rate=constants.SAMPLE_RATE) -> "AudioStream":
+  """The first audio track as consecutive mono float32 blocks at `sample_rate` (an
+  `AudioStream`: iterate it; memory does not grow with the file).
+
+  Frames are decoded by FFmpeg, averaged over channels, cut to the segment at the native
+  rate, and resampled with libsoxr (``soxr``, "HQ" quality) in one continuous stream
+  (`soxr.ResampleStream`: its filter state carries across blocks, so the blocks
+  concatenate to the waveform of a whole-file resampling), in blocks of about
+  `block_seconds` of native audio (the last one shorter): libsoxr was chosen by
+  measurement (3.3x faster than FFmpeg's swresample through PyAV on a 10 s 44.1 kHz clip,
+  benchmarks/decode_benchmark.py), and per-frame resampler calls cost more than the
+  filtering. Samples are clipped to [-1, 1].
+
+  Errors are raised as `MediaError` when they are found: opening (no audio track, not a
+  readable file) and a track that does not decode at all on the first block; a block with
+  NaN or Inf samples when it is reached; no samples at all (or none in the segment) after
+  the last block. A decode error after the first frame ends the stream early (what decoded
+  before a corrupt tail is kept); `AudioStream.truncation` says so once it is exhausted.
+  """
+  return AudioStream(path, block_seconds, start_seconds, end_seconds, sample_rate)
+
+
+class AudioStream:
+  """Iterable of resampled mono blocks (`iter_audio`). Once exhausted it also holds
+  `samples` (the total), `declared_end_seconds` and `decoded_end_seconds` (see
+  `DecodedAudio`), and `truncation()` computes `DecodedAudio.truncation`."""
+
+  def __init__(self, path, block_seconds, start_seconds, end_seconds, sample_rate):
+    if block_seconds <= 0:
+      raise ValueError(f"block_seconds must be > 0. Received: {block_seconds}")
+    self.path = path
+    self.block_seconds = block_seconds
+    self.start_seconds = start_seconds
+    self.end_seconds = end_seconds
+    self.sample_rate = sample_rate
+    self.samples = 0
+    self.declared_end_seconds = 0.0
+    self.decoded_end_seconds = 0.0
+    self._first_time = 0.0
+    self._formats = []
+    self._to_the_end = False
+    self._done = False
+
+  def __iter__(self):
+    path, start_seconds, end_seconds = self.path, self.start_seconds, self.end_seconds
+    self.samples, self._done = 0, False
+    with _open(path) as container:
+      if not container.streams.audio:
+        raise MediaError(path, "no audio track")
+      stream = container.streams.audio[0]
+      self.declared_end_seconds = truncation_lib.declared_end(container, stream)
+      self._formats = container.format.name.split(",")
+      if start_seconds and start_seconds > 0:
+        # Seek lands at or before the wanted time; decoded frames carry their own times.
+        try:
+          container.seek(int(start_seconds * av.time_base), any_frame=False)
+        except av.error.FFmpegError:
+          pass
+      resampler, rate, first_time, block = None, None, 0.0, 0
+      begin = stop = None  # the segment in native samples from the first decoded frame
+      position = 0  # native samples decoded so far
       pending, pending_len = [], 0
-      chunks.append(x if resampler is None else resampler.resample_chunk(x, last=last))
-
-    try:
-      for frame in container.decode(stream):
+      try:
+        for frame in container.decode(stream):
+          if rate is None:
+            rate = frame.sample_rate
+            first_time = frame.time if frame.time is not None else 0.0
+            begin = 0 if start_seconds is None else max(
+                0, int(round((start_seconds - first_time) * rate)))
+            stop = None if end_seconds is None else int(
+                round((end_seconds - first_time) * rate))
+            block = max(1, int(round(self.block_seconds * rate)))
+            if rate != self.sample_rate:
+              resampler = soxr.ResampleStream(rate, self.sample_rate, 1, dtype="float32")
+          mono = _frame_to_mono(frame)
+          lo, hi = max(begin - position, 0), mono.shape[0]
+          if stop is not None:
+            hi = min(hi, stop - position)
+          position += mono.shape[0]
+          if hi > lo:
+            pending.append(mono[lo:hi])
+            pending_len += hi - lo
+            if pending_len >= block:  # few resampler calls, bounded memory
+              yield self._block(pending, resampler, last=False)
+              pending, pending_len = [], 0
+          if stop is not None and position >= stop:
+            break
+      except (av.error.FFmpegError, ValueError) as e:
         if rate is None:
-          rate = frame.sample_rate
-          first_time = frame.time if frame.time is not None else 0.0
-          begin = 0 if start_seconds is None else max(
-              0, int(round((start_seconds - first_time) * rate)))
-          stop = None if end_seconds is None else int(round((end_seconds - first_time) * rate))
-          if rate != sample_rate:
-            resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32")
-        mono = _frame_to_mono(frame)
-        lo, hi = max(begin - position, 0), mono.shape[0]
-        if stop is not None:
-          hi = min(hi, stop - position)
-        position += mono.shape[0]
-        if hi > lo:
-          pending.append(mono[lo:hi])
-          pending_len += hi - lo
-          if pending_len >= rate:  # resample in ~1 s blocks: few calls, bounded memory
-            flush()
-        if stop is not None and position >= stop:
-          break
-    except (av.error.FFmpegError, ValueError) as e:
+          raise MediaError(path, f"audio track does not decode ({_short(e)})") from e
+        # Keep what decoded before a corrupt tail; the caller sees the shorter length.
       if rate is None:
-        raise MediaError(path, f"audio track does not decode ({_short(e)})") from e
-      # Keep what decoded before a corrupt tail; the caller sees the shorter length.
-    if rate is None:
-      raise MediaError(path, "audio track holds no samples")
-    flush(last=True)
-  waveform = np.concatenate(chunks)
-  if waveform.size == 0:
-    raise MediaError(path, f"no audio samples between {start_seconds} s and {end_seconds} s")
-  if not np.all(np.isfinite(waveform)):
-    raise MediaError(path, "audio decodes to NaN or Inf samples")
-  decoded_end = first_time + position / rate
-  seconds = waveform.shape[0] / sample_rate
-  to_the_end = stop is None or position < stop  # decoding ran out before the segment did
-  if to_the_end and "wav" in formats:  # FFmpeg hides a cut WAV's declared length
-    declared_end = max(declared_end, truncation_lib.wav_declared_seconds(path))
-  truncation = truncation_lib.shortfall_warning(declared_end, decoded_end, start_seconds,
-                                                end_seconds, first_time, seconds)
-  if (not truncation and to_the_end and "ogg" in formats and
-      truncation_lib.ogg_end_of_stream_missing(path)):
-    truncation = (f"decoded {seconds:.1f} s; the Ogg stream ends without its end-of-stream "
-                  "page (truncated?)")
-  return DecodedAudio(np.clip(waveform, -1.0, 1.0), sample_rate, declared_end, decoded_end,
-                      truncation)
+        raise MediaError(path, "audio track holds no samples")
+      last = self._block(pending, resampler, last=True)
+    if self.samples == 0:
+      raise MediaError(path, f"no audio samples between {start_seconds} s and {end_seconds} s")
+    self._first_time = first_time
+    self.decoded_end_seconds = first_time + position / rate
+    self._to_the_end = stop is None or position < stop  # decoding ran out before the segment
+    self._done = True
+    if last.size:
+      yield last
+
+  def _block(self, pending, resampler, last):
+    x = np.concatenate(pending) if pending else np.zeros([0], np.float32)
+    if resampler is not None:
+      x = resampler.resample_chunk(x, last=last)
+    if not np.all(np.isfinite(x)):
+      raise MediaError(self.path, "audio decodes to NaN or Inf samples")
+    self.samples += x.shape[0]
+    return np.clip(x, -1.0, 1.0)
+
+  def truncation(self) -> str:
+    """`DecodedAudio.truncation` of the exhausted stream (reads a WAV header or an Ogg
+    file's last page when decoding ran to the end)."""
+    if not self._done:
+      raise ValueError(f"{self.path}: the audio stream has not been read to its end")
+    declared_end, formats = self.declared_end_seconds, self._formats
+    if self._to_the_end and "wav" in formats:  # FFmpeg hides a cut WAV's declared length
+      declared_end = max(declared_end, truncation_lib.wav_declared_seconds(self.path))
+      self.declared_end_seconds = declared_end
+    seconds = self.samples / self.sample_rate
+    warning = truncation_lib.shortfall_warning(declared_end, self.decoded_end_seconds,
+                                               self.start_seconds, self.end_seconds,
+                                               self._first_time, seconds)
+    if (not warning and self._to_the_end and "ogg" in formats and
+        truncation_lib.ogg_end_of_stream_missing(self.path)):
+      warning = (f"decoded {seconds:.1f} s; the Ogg stream ends without its end-of-stream "
+                 "page (truncated?)")
+    return warning
 
 
 @dataclasses.dataclass

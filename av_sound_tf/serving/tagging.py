@@ -1,19 +1,29 @@
 """Tagging audio and video files with an exported model (bin/tag).
 
-`Tagger` loads a SavedModel from bin/export (or a .tflite tagger) and tags whole files:
+`Tagger` loads a SavedModel from bin/export (or a .tflite tagger) and tags whole files,
+streaming them: memory does not grow with the recording (a 10-hour file tags in the memory
+of a 10-minute one; benchmarks/stream_benchmark.py, docs/benchmarks.md).
 
-* The file's audio is decoded to 16 kHz mono. With a SavedModel, recordings up to
-  ``window_seconds`` (default 10 s) go through ``tag_waveform`` in one call; longer ones in
-  consecutive windows. A file's score for a class is the mean of all its MIL segment
-  scores, i.e. the model's own average-pooling g() over the whole recording.
+* The file's audio is decoded to 16 kHz mono block by block (`media.iter_audio`) and scored
+  as it arrives (`timeline.SegmentScorer`): with a SavedModel the segment scores (one every
+  0.32 s) are those of one ``tag_waveform`` call on the whole recording, computed in calls
+  of ``window_seconds`` of audio (default 30 s) that overlap by the receptive field. A
+  file's score for a class is the mean of all its MIL segment scores, i.e. the model's own
+  average-pooling g() over the whole recording.
 * With a .tflite tagger (fixed window, e.g. 1 s), windows slide with 50 % overlap and the
-  file score is the mean of the window scores.
-* Timeline (`timeline=True`): the segment scores over time (one every 0.32 s, SavedModel)
-  or window scores (TFLite), and the sound events: runs of consecutive steps whose score is
-  at least `threshold`, as [start, end] seconds per class.
+  file score is the mean of the window scores (`timeline.WindowScorer`).
+* Timeline (`timeline=True`): the segment scores over time (SavedModel) or window scores
+  (TFLite), spooled to a temporary file as they are computed, and the sound events: runs of
+  consecutive steps whose score is at least `threshold`, as [start, end] seconds per class,
+  found as the scores arrive (`timeline.EventTracker`). The result keeps the timeline of
+  the top classes only.
 * Video files, when the export has ``tag_audiovisual`` and a frame embedder is given: 64
-  frames are sampled and embedded, the fused scores replace the audio scores, and each top
-  class reports which modality dominated (attention weight on audio > 0.5: "audio").
+  frames are sampled and embedded, fused with the first ``AUDIOVISUAL_SECONDS`` (10 s) of
+  audio; the fused scores replace the audio scores, and each top class reports which
+  modality dominated (attention weight on audio > 0.5: "audio").
+
+`tag_files` is bin/tag's loop: every input tagged in turn, its result printed and written
+(`ResultWriter`), its timeline plotted, progress logged.
 
 A file that cannot be decoded gets ``status="failed"`` and its reason; the others are
 still tagged. Inputs that are not regular files (a FIFO would block the decoder forever, a
@@ -24,8 +34,9 @@ is a complete, valid JSON list (or CSV), so an interrupted run keeps every finis
 (gs:// objects cannot be appended to: rewritten whole at most every 30 s and at the end).
 It checks that the output can be written before any work starts.
 
-A .tflite tagger is found with its class map by one rule (`tflite.labels_path_for`:
-``<name>.labels.csv`` beside ``<name>.tflite``), and its bytes are checked before the
+A .tflite tagger's name must end in ``.tflite`` (`tflite.labels_path_for`); its class map
+is read from the model's TFLite metadata (`tflite.read_label_map`; older models without
+metadata: ``<name>.labels.csv`` beside it), and its bytes are checked before the
 interpreter sees them (`tflite.read_model`: a truncated file would crash the process).
 """
 
@@ -41,11 +52,13 @@ import tensorflow as tf
 from av_sound_tf.core import constants
 from av_sound_tf.core import files
 from av_sound_tf.core import media
-from av_sound_tf.modeling import models
+from av_sound_tf.core import progress as progress_lib
+from av_sound_tf.serving import timeline as timeline_lib
 
-# 0.32 s between MIL segments; 0.96 s: the receptive field of one segment.
-SEGMENT_HOP_SECONDS = models.FRAMES_PER_SEGMENT / constants.FRAMES_PER_SECOND
-SEGMENT_SPAN_SECONDS = models.MIN_FRAMES / constants.FRAMES_PER_SECOND
+SEGMENT_HOP_SECONDS = timeline_lib.SEGMENT_HOP_SECONDS  # 0.32 s between MIL segments
+SEGMENT_SPAN_SECONDS = timeline_lib.SEGMENT_SPAN_SECONDS  # 0.96 s: the frames of a segment
+AUDIOVISUAL_SECONDS = 10.0  # audio fused with a video's frames: its first 10 s
+events_from_scores = timeline_lib.events_from_scores
 
 
 @dataclasses.dataclass
@@ -58,64 +71,55 @@ class TagResult:
   timeline: Optional[dict] = None
   events: Optional[List[dict]] = None
 
-  def to_dict(self):
+  # timeline: {"step_seconds": the span of a step, "times": [steps] (seconds),
+  # "scores": {name: [steps]} for the top classes}, NumPy arrays.
+
+  def to_dict(self, with_timeline=True):
     d = {"path": self.path, "status": self.status, "reason": self.reason,
          "labels": self.labels, "duration_seconds": round(self.duration_seconds, 3)}
     if self.events is not None:
       d["events"] = self.events
-    if self.timeline is not None:  # segment scores over time for the top classes
-      names = self.timeline["names"]
+    if self.timeline is not None and with_timeline:  # scores over time, top classes
       d["timeline"] = {
           "step_seconds": self.timeline["step_seconds"],
-          "times": [round(float(t), 3) for t in self.timeline["times"]],
-          "scores": {l["name"]: [round(float(x), 4) for x in
-                                 self.timeline["scores"][:, names.index(l["name"])]]
-                     for l in self.labels},
+          "times": _rounded(self.timeline["times"], 3),
+          "scores": {name: _rounded(x, 4) for name, x in self.timeline["scores"].items()},
       }
     return d
 
 
-def events_from_scores(times, scores, names, mids, threshold, step):
-  """Runs of consecutive steps with score >= threshold -> [{name, mid, start, end, peak}]."""
-  events = []
-  above = scores >= threshold
-  for c in np.flatnonzero(above.any(axis=0)):
-    t = 0
-    while t < len(times):
-      if above[t, c]:
-        u = t
-        while u + 1 < len(times) and above[u + 1, c]:
-          u += 1
-        start, end = float(times[t]), float(times[u] + step)
-        peak = float(scores[t:u + 1, c].max())
-        last = events[-1] if events and events[-1]["mid"] == mids[c] else None
-        if last is not None and start <= last["end"]:  # overlapping receptive fields: merge
-          last["end"] = round(end, 2)
-          last["peak"] = round(max(last["peak"], peak), 4)
-        else:
-          events.append({"name": names[c], "mid": mids[c], "start": round(start, 2),
-                         "end": round(end, 2), "peak": round(peak, 4)})
-        t = u + 1
-      else:
-        t += 1
-  return sorted(events, key=lambda e: (e["start"], -e["peak"]))
+def _rounded(values, digits):
+  return np.round(np.asarray(values, np.float64), digits).tolist()
 
 
 class Tagger:
-  """Tags files with a SavedModel (bin/export) or a .tflite tagger."""
+  """Tags files with a SavedModel (bin/export) or a .tflite tagger, streaming them.
+
+  Args:
+    model_path: a SavedModel version folder, or a ``.tflite`` file with `tflite`.
+    tflite: whether `model_path` is a TFLite tagger.
+    top_k: classes per file.
+    window_seconds: SavedModel: seconds of audio per model call, the receptive-field
+      overlap included (at least 2.9 s; at most the export's ``max_seconds``, 600 s by
+      default). The scores do not depend on it; longer calls overlap less.
+    embedder: a frame embedder (`embedders.build_embedder`) for audiovisual tagging.
+    threads: TFLite interpreter threads.
+    block_seconds: seconds of audio decoded per block.
+  """
 
   def __init__(self, model_path: str, tflite: bool = False, top_k: int = 5,
-               window_seconds: float = 10.0, embedder=None, threads: int = 1):
+               window_seconds: float = 30.0, embedder=None, threads: int = 1,
+               block_seconds: float = 1.0):
     self.top_k = top_k
     self.embedder = embedder
+    self.block_seconds = block_seconds
     if tflite:
-      from av_sound_tf.core import labels as labels_lib  # pylint: disable=g-import-not-at-top
       from av_sound_tf.serving import tflite as tflite_lib  # pylint: disable=g-import-not-at-top
-      labels_path = tflite_lib.labels_path_for(model_path)  # refuses a name without .tflite
-      self.runner = tflite_lib.Runner(model_path, threads)  # checks the bytes first
-      if not tf.io.gfile.exists(labels_path):
-        raise FileNotFoundError(f"{labels_path} (the class map beside the .tflite) not found")
-      label_map = labels_lib.LabelMap.from_csv(labels_path)
+      tflite_lib.labels_path_for(model_path)  # refuses a name without .tflite
+      content = tflite_lib.read_model(model_path)  # checks the bytes first
+      self.runner = tflite_lib.Runner(model_path, threads, content=content)
+      # The class map in the model's TFLite metadata; <name>.labels.csv for older models.
+      label_map, _ = tflite_lib.read_label_map(model_path, content)
       self.names, self.mids = label_map.names, label_map.mids
       self.window = self.runner.samples
       self.signatures = None
@@ -129,7 +133,11 @@ class Tagger:
       class_map = self.signatures["class_map"]()
       self.names = [n.decode() for n in class_map["display_name"].numpy()]
       self.mids = [m.decode() for m in class_map["mid"].numpy()]
-      self.window = int(window_seconds * constants.SAMPLE_RATE)
+      self.window = int(round(window_seconds * constants.SAMPLE_RATE))
+      if self.window < timeline_lib.min_chunk_samples():
+        raise ValueError(f"window_seconds must be >= "
+                         f"{timeline_lib.min_chunk_samples() / constants.SAMPLE_RATE:.2f} "
+                         f"(the receptive field on both sides). Received: {window_seconds}")
       self.runner = None
 
   @property
@@ -137,48 +145,53 @@ class Tagger:
     return self.signatures is not None and "tag_audiovisual" in self.signatures and \
         self.embedder is not None
 
-  def _scores_savedmodel(self, waveform):
-    """(file scores [C], step times [T], step scores [T, C], step seconds)."""
-    seg_scores, times = [], []
-    for start in range(0, len(waveform), self.window):
-      chunk = waveform[start:start + self.window]
-      if start > 0 and len(chunk) < self.window // 10:
-        break  # a sliver at the end: its padded segments would only add silence
-      out = self.signatures["tag_waveform"](waveform=tf.constant(chunk[None, :]))
-      seg = out["segment_scores"].numpy()[0]
-      seg_scores.append(seg)
-      times.extend(start / constants.SAMPLE_RATE + SEGMENT_HOP_SECONDS * np.arange(seg.shape[0]))
-    steps = np.concatenate(seg_scores)
-    return steps.mean(axis=0), np.asarray(times), steps, SEGMENT_SPAN_SECONDS
+  def scorer(self):
+    """A fresh streaming scorer for one file (`timeline.SegmentScorer` / `WindowScorer`)."""
+    if self.runner is not None:
+      return timeline_lib.WindowScorer(lambda w: self.runner(w)["clip_scores"][0],
+                                       self.window, max(1, self.window // 2))
+    return timeline_lib.SegmentScorer(self.segment_scores, self.window)
 
-  def _scores_tflite(self, waveform):
-    hop = max(1, self.window // 2)
-    if len(waveform) < self.window:
-      waveform = np.pad(waveform, (0, self.window - len(waveform)))
-    starts = list(range(0, len(waveform) - self.window + 1, hop))
-    steps = np.stack([self.runner(waveform[s:s + self.window])["clip_scores"][0]
-                      for s in starts])
-    return steps.mean(axis=0), np.asarray(starts) / constants.SAMPLE_RATE, steps, \
-        self.window / constants.SAMPLE_RATE
+  def segment_scores(self, waveform):
+    """One ``tag_waveform`` call: waveform [samples] -> segment scores [segments, C]."""
+    out = self.signatures["tag_waveform"](waveform=tf.constant(waveform[None, :]))
+    return out["segment_scores"].numpy()[0]
 
   def tag_file(self, path, timeline=False, threshold=0.5) -> TagResult:
+    """Decodes, scores and (with `timeline`) finds the events of one file as a stream."""
+    scorer = self.scorer()
+    track = timeline_lib.ScoreTrack(len(self.names), timeline, self.names, self.mids,
+                                    threshold, scorer.hop_seconds, scorer.span_seconds)
+    fuse = self.audiovisual and media.media_kind(path) == "video"
+    head, head_len = [], 0  # the audio fused with the frames
     try:
-      waveform = media.decode_audio(path)
-    except media.MediaError as e:
-      return TagResult(path, "failed", e.reason)
-    try:
-      if self.runner is not None:
-        scores, times, steps, step = self._scores_tflite(waveform)
-      else:
-        scores, times, steps, step = self._scores_savedmodel(waveform)
-      alpha = None
-      if self.audiovisual and media.media_kind(path) == "video":
-        scores, alpha = self._fuse(path, waveform)
+      stream = media.iter_audio(path, self.block_seconds)
+      for block in stream:
+        if fuse and head_len < AUDIOVISUAL_SECONDS * constants.SAMPLE_RATE:
+          head.append(block)
+          head_len += block.shape[0]
+        track.add(*scorer.add(block))
+      track.add(*scorer.finish())
+      scores, alpha = track.mean(), None
+      if fuse:
+        scores, alpha = self._fuse(path, np.concatenate(head))
+      top = np.argsort(-scores)[:self.top_k]
+      result = TagResult(path, "ok", "", self._labels(scores, alpha, top),
+                         stream.samples / constants.SAMPLE_RATE)
+      if timeline:
+        times, steps = track.columns(top)
+        result.timeline = {"times": times, "step_seconds": scorer.span_seconds,
+                           "scores": {self.names[c]: steps[:, i] for i, c in enumerate(top)}}
+        result.events = track.tracker.events()
+      return result
     except media.MediaError as e:
       return TagResult(path, "failed", e.reason)
     except (tf.errors.OpError, ValueError) as e:
       return TagResult(path, "failed", f"model error: {str(e).splitlines()[0][:200]}")
-    top = np.argsort(-scores)[:self.top_k]
+    finally:
+      track.close()
+
+  def _labels(self, scores, alpha, top):
     labels = []
     for c in top:
       entry = {"name": self.names[c], "mid": self.mids[c], "score": round(float(scores[c]), 6)}
@@ -186,39 +199,15 @@ class Tagger:
         entry["modality"] = "audio" if alpha[c] > 0.5 else "visual"
         entry["alpha_audio"] = round(float(alpha[c]), 4)
       labels.append(entry)
-    result = TagResult(path, "ok", "", labels, len(waveform) / constants.SAMPLE_RATE)
-    if timeline:
-      result.timeline = {"times": times, "scores": steps, "step_seconds": step,
-                         "names": self.names}
-      result.events = events_from_scores(times, steps, self.names, self.mids, threshold, step)
-    return result
+    return labels
 
   def _fuse(self, path, waveform):
     frames = media.sample_video_frames(path, 64, self.embedder.image_size)
     mean, _ = self.embedder.embed_clip(frames)
-    chunk = waveform[:min(len(waveform), self.window)]
+    chunk = waveform[:int(AUDIOVISUAL_SECONDS * constants.SAMPLE_RATE)]
     out = self.signatures["tag_audiovisual"](waveform=tf.constant(chunk[None, :]),
                                              embedding_mean=tf.constant(mean[None, :]))
     return out["fused_scores"].numpy()[0], out["attention_weights"].numpy()[0]
-
-
-def plot_timeline(result: TagResult, names, path, top_k=5):
-  """PNG of the segment scores over time for the file's top classes."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  times, scores = result.timeline["times"], result.timeline["scores"]
-  top = np.argsort(-scores.mean(axis=0))[:top_k]
-  fig, ax = plt.subplots(figsize=(10, 4))
-  for c in top:
-    ax.plot(times, scores[:, c], label=names[c])
-  ax.set_xlabel("time (s)")
-  ax.set_ylabel("score")
-  ax.set_ylim(0, 1)
-  ax.set_title(f"Sound events over time: {result.path.split('/')[-1]}")
-  ax.legend(loc="upper right", fontsize=8)
-  fig.tight_layout()
-  files.save_figure(fig, path, dpi=100)
 
 
 def expand_inputs(paths):
@@ -280,6 +269,22 @@ def csv_rows(results):
 CSV_FIELDS = ["path", "status", "reason", "rank", "name", "mid", "score"]
 
 
+def _json_text(result: TagResult, indent="") -> str:
+  """`result.to_dict()` as indented JSON, a timeline's arrays on one line each (an hour's
+  timeline is 11,250 numbers per class: a line per number would be 10x the text)."""
+  d = result.to_dict(with_timeline=False)
+  arrays = []
+  if result.timeline is not None:
+    tl = result.timeline
+    arrays = [(tl["times"], 3)] + [(x, 4) for x in tl["scores"].values()]
+    d["timeline"] = {"step_seconds": tl["step_seconds"], "times": "\0" + "0",
+                     "scores": {name: f"\0{i + 1}" for i, name in enumerate(tl["scores"])}}
+  text = "\n".join(indent + line for line in json.dumps(d, indent=2).splitlines())
+  for i, (values, digits) in enumerate(arrays):  # one array's list at a time
+    text = text.replace(f'"\\u0000{i}"', json.dumps(_rounded(values, digits)), 1)
+  return text
+
+
 class ResultWriter:
   """Writes results to a .json list or a .csv as they are produced (bin/tag --output).
 
@@ -331,8 +336,7 @@ class ResultWriter:
   def _text(self, result: "TagResult") -> str:
     if self.csv:
       return files.csv_text(csv_rows([result]), CSV_FIELDS).split("\n", 1)[1]
-    return "\n".join("  " + line for line in
-                     json.dumps(result.to_dict(), indent=2).splitlines())
+    return _json_text(result, indent="  ")
 
   def _open(self):
     self._file = open(self.path, "wb", buffering=0)  # pylint: disable=consider-using-with
@@ -366,7 +370,8 @@ class ResultWriter:
     if self.csv:
       files.write_csv(self.path, csv_rows(self._results), CSV_FIELDS)
     else:
-      files.write_json(self.path, [r.to_dict() for r in self._results])
+      files.write_text(self.path, "[\n" + ",\n".join(_json_text(r, "  ") for r in
+                                                     self._results) + "\n]\n")
     self._written_at = time.monotonic()
 
   def close(self):
@@ -377,3 +382,44 @@ class ResultWriter:
     if self._file is None:
       self._open()
     self._file.close()
+
+
+def tag_files(paths, model_path, *, tflite=False, top_k=5, window_seconds=30.0, embedder=None,
+              threads=1, writer: Optional[ResultWriter] = None, timeline=False,
+              threshold=0.5, plot_dir=None, progress_every=5.0, echo=None) -> dict:
+  """Tags files, globs and folders one file at a time (bin/tag): each result is printed
+  (`format_result`, through `echo`), added to `writer` (so an output file holds every
+  finished result) and, with `plot_dir` and `timeline`, plotted to
+  ``<plot_dir>/<file name>.png``; then it is dropped, so memory does not grow with the
+  number of files either. Refused inputs (`expand_inputs`) are reported first.
+
+  The model is loaded (`Tagger`) after the inputs are expanded; `writer` is not closed.
+
+  Returns:
+    {"inputs": every input accounted for (tagged or refused), "failed": those that failed}.
+  """
+  echo = echo or (lambda line: print(line, flush=True))
+  inputs, refused = expand_inputs(paths)
+  tagger = Tagger(model_path, tflite, top_k, window_seconds, embedder, threads)
+  failed = 0
+  for path, reason in refused:
+    result = TagResult(path, "failed", reason)
+    failed += 1
+    echo(format_result(result, False))
+    if writer:
+      writer.add(result)
+  done = progress_lib.Progress(len(inputs), "tag", "files", every=progress_every)
+  for path in inputs:
+    result = tagger.tag_file(path, timeline, threshold)
+    failed += result.status != "ok"
+    done.update(failed=result.status != "ok")
+    if writer:
+      writer.add(result)  # written now: an interrupted run keeps it
+    echo(format_result(result, timeline))
+    if plot_dir and result.timeline is not None:
+      tf.io.gfile.makedirs(plot_dir)
+      png = tf.io.gfile.join(plot_dir, os.path.basename(path) + ".png")
+      timeline_lib.plot_timeline(result.timeline, result.path, png)
+      echo(f"  timeline plot: {png}")
+  done.finish()
+  return {"inputs": len(inputs) + len(refused), "failed": failed}
