@@ -1,9 +1,9 @@
 """Shared fixtures: the real third-party data in ../shared/data, or its vendored subset.
 
 shared_path(*parts) looks a file up under ../shared/data (or $AV_SOUND_TF_SHARED_DATA); when it
-is not there it takes the copy in tests/data/shared_subset (a few ESC-10 clips, two AudioSet
-files and the small video files, byte-identical copies with their attribution in that folder's
-README.md), so a fresh clone runs the suite. Tests that need a whole data set (all 400 ESC-10
+is not there it takes the copy in tests/data/shared_subset (21 ESC-10 clips, 8 of the 9 video
+files, one librosa recording, two AudioSet files: byte-identical copies, with their attribution
+in that folder's README.md), so a fresh clone runs the suite. Tests that need a whole data set (all 400 ESC-10
 clips, the full AudioSet segment lists, real_av/, ../shared/models) pass whole_set=True or name
 files the subset lacks, and skip with a message when ../shared is absent.
 """

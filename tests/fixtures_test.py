@@ -16,10 +16,12 @@ import re
 
 from tests.conftest import SHARED_DATA, SUBSET
 
-# 7.0 MiB of files today (21 ESC-10 clips 1.9 MB, 8 videos 4.5 MB, 2 AudioSet files 0.36 MB).
+# 7,549,184 bytes of files today: 21 ESC-10 clips (1.9 MB; beam, prepare, faults, tflite and
+# tag tests), 8 video files (4.5 MB; media, faults, prepare, tag tests), one librosa recording
+# (0.38 MB; streaming_test), the AudioSet class list and ontology (0.36 MB; labels, prepare).
 # Raise it only for a file a test needs, and say which test in the commit.
-MAX_BYTES = 7_500_000
-FOLDERS = {"audioset", "esc10", "video"}
+MAX_BYTES = 8_000_000
+FOLDERS = {"audioset", "esc10", "librosa", "video"}
 META = {"README.md", "SHA256SUMS"}  # the folder's own files, not copies
 
 
