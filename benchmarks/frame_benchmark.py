@@ -2,7 +2,9 @@
 """Benchmark: preparing real video clips (audio + 64 frames) against a plain full decode.
 
 Measured side by side in one run, on every clip of ../shared/data/real_av/clips (30 real
-H.264/AAC clips, 6-15 s, 224-720 px high); each repeat alternates which side runs first:
+H.264/AAC clips, 6-15 s, 224-720 px high), clip by clip: each clip is decoded by (a) and
+prepared by (b) back to back, the order alternating from clip to clip and from repeat to
+repeat, so that both sides see the same load on a shared machine:
 
   (a) baseline, a plain full decode: per clip ``av.open``, then
       ``container.decode(video=0, audio=0)`` run to the end: every packet of the first
@@ -15,12 +17,13 @@ H.264/AAC clips, 6-15 s, 224-720 px high); each repeat alternates which side run
       ``_init_worker``): TensorFlow intra- and inter-op threads 1, one
       ``featurize.ClipProcessor`` with audio + visual, 64 frames of 224 px, the embedder
       ``--embedder`` (``tiny``: the cheapest, 33 ms per 64 frames here; ``color_layout``
-      costs about 0.6 s), one worker (this process); then the processor on each clip, up to
-      its serialized Example. Timed from building the processor (the compiled log-mel
-      function, the embedder) to the last clip: the worker's start-up is included. The
-      interpreter and the imports (TensorFlow, PyAV) are not, on either side;
-      ``--fresh_process`` also times both sides as fresh processes (interpreter, imports
-      and all).
+      costs about 0.6 s), one worker (this process; featurize decodes a clip's audio in a
+      second thread while its frames decode); then the processor on each clip, up to its
+      serialized Example. Its total is the worker's start-up (building the processor: the
+      compiled log-mel function, the embedder) plus every clip. The interpreter and the
+      imports (TensorFlow, PyAV) are not counted on either side; ``--fresh_process`` also
+      times both sides as fresh processes (interpreter, imports and all), each side on all
+      clips in one process.
 
 Prints both totals per repeat in wall seconds and in CPU seconds (the process's user +
 system time, all threads: steadier than wall time on a shared machine), the ratios
@@ -106,8 +109,21 @@ def _jobs(paths):
 _THREADS_SET = False
 
 
-def preparation(paths):
-  """bin/prepare_data's worker: start-up, then each clip.
+class _Inline:
+  """Stands in for featurize's audio thread so that cProfile (main thread only) sees it."""
+
+  def submit(self, fn, *args):
+    return type("Done", (), {"result": staticmethod(featurize_later(fn, *args))})
+
+
+def featurize_later(fn, *args):
+  from data_prep import featurize  # pylint: disable=g-import-not-at-top
+  return featurize._later(fn, *args)  # pylint: disable=protected-access
+
+
+def preparation(paths, inline_audio=False):
+  """bin/prepare_data's worker: start-up, then each clip (inline_audio: the audio decodes
+  in the main thread, for the profile).
 
   Returns (wall seconds, CPU seconds, start-up wall seconds, wall seconds per clip).
   """
@@ -122,6 +138,8 @@ def preparation(paths):
   c0, t0 = cpu_seconds(), time.perf_counter()
   processor = featurize.ClipProcessor(_config())
   _ = processor.embedder  # built on the first visual clip anyway
+  if inline_audio:
+    processor._audio_thread = _Inline()  # pylint: disable=protected-access
   startup = time.perf_counter() - t0
   times = []
   for job in jobs:
@@ -131,6 +149,46 @@ def preparation(paths):
     if result.status != "written":
       raise RuntimeError(f"{job.path}: {result.reason}")
   return time.perf_counter() - t0, cpu_seconds() - c0, startup, times
+
+
+def interleaved(paths, repeat):
+  """Both sides clip by clip, alternating which goes first, so that both see the same load.
+
+  Preparation's worker start-up (processor and embedder) is timed first and counted in
+  its total. Returns [(wall a, CPU a, wall b, CPU b) per clip] and (start-up wall, CPU).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data_prep import featurize  # pylint: disable=g-import-not-at-top
+  global _THREADS_SET
+  if not _THREADS_SET:  # as prepare._init_worker (only possible before TF starts)
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    _THREADS_SET = True
+  c0, t0 = cpu_seconds(), time.perf_counter()
+  processor = featurize.ClipProcessor(_config())
+  _ = processor.embedder  # built on the first visual clip anyway
+  startup = (time.perf_counter() - t0, cpu_seconds() - c0)
+
+  def timed(fn):
+    c, t = cpu_seconds(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t, cpu_seconds() - c
+
+  def prepare(job):
+    result = processor(job)
+    if result.status != "written":
+      raise RuntimeError(f"{job.path}: {result.reason}")
+
+  rows = []
+  for i, (path, job) in enumerate(zip(paths, _jobs(paths))):
+    decode = lambda: full_decode(path, FLAGS.baseline_threads)  # pylint: disable=cell-var-from-loop
+    prep = lambda: prepare(job)  # pylint: disable=cell-var-from-loop
+    if (i + repeat) % 2 == 0:
+      a, b = timed(decode), timed(prep)
+    else:
+      b, a = timed(prep), timed(decode)
+    rows.append((a[0], a[1], b[0], b[1]))
+  return rows, startup
 
 
 def _fresh(mode, paths):
@@ -167,11 +225,12 @@ _STEPS = [
 def profile(paths):
   profiler = cProfile.Profile(time.process_time)
   profiler.enable()
-  _, total, _, _ = preparation(paths)
+  _, total, _, _ = preparation(paths, inline_audio=True)
   profiler.disable()
   stats = pstats.Stats(profiler).stats
-  print(f"\nProfile of one more preparation pass, in CPU seconds of the process (all "
-        f"threads): {total:.2f} s (cProfile adds overhead)")
+  print(f"\nProfile of one more preparation pass, audio decoded in the main thread "
+        f"(cProfile sees one thread), in CPU seconds of the process (all threads): "
+        f"{total:.2f} s (cProfile adds overhead)")
   print(f"{'step':54s} {'calls':>6s} {'cum s':>7s} {'share':>6s}")
   for label, suffix, name in _STEPS:
     rows = [v for k, v in stats.items() if k[0].endswith(suffix) and k[2] == name]
@@ -210,14 +269,13 @@ def main(argv):
   print(f"{'repeat':>6s} {'(a) full decode':>15s} {'(b) prep':>9s} {'start-up':>8s} "
         f"{'ratio b/a':>9s} {'(a)':>8s} {'(b)':>8s} {'ratio b/a':>9s}")
   for r in range(FLAGS.repeats):
-    if r % 2 == 0:
-      a, a_cpu, a_times = baseline(paths)
-      b, b_cpu, startup, b_times = preparation(paths)
-    else:
-      b, b_cpu, startup, b_times = preparation(paths)
-      a, a_cpu, a_times = baseline(paths)
-    best_a = [min(x, y) for x, y in zip(best_a, a_times)]
-    best_b = [min(x, y) for x, y in zip(best_b, b_times)]
+    rows, (startup, startup_cpu) = interleaved(paths, r)
+    a = sum(row[0] for row in rows)
+    b = startup + sum(row[2] for row in rows)
+    a_cpu = sum(row[1] for row in rows)
+    b_cpu = startup_cpu + sum(row[3] for row in rows)
+    best_a = [min(x, row[0]) for x, row in zip(best_a, rows)]
+    best_b = [min(x, row[2]) for x, row in zip(best_b, rows)]
     walls.append(b / a)
     cpus.append(b_cpu / a_cpu)
     print(f"{r + 1:6d} {a:15.2f} {b:9.2f} {startup:8.2f} {b / a:9.2f} {a_cpu:8.2f} "

@@ -6,9 +6,12 @@
 * `ClipProcessor`: decodes a clip (`core.media`), computes the log-mel front end
   (`core.features`) and the frame embeddings (`core.embedders`, built once per worker) and
   builds its `tf.train.Example` (`core.schema`). Every failure becomes a `ClipResult`
-  with the reason; nothing a clip does stops the run.
+  with the reason; nothing a clip does stops the run. With both modalities the audio is
+  decoded in a second thread while the video frames decode (FFmpeg releases the GIL);
+  results and failures are taken in the same order as before (audio, then video).
 """
 
+from concurrent import futures
 import dataclasses
 import functools
 import traceback
@@ -95,6 +98,7 @@ class ClipProcessor:
     self.config = config
     self._embedder = None
     self._log_mel_fn = features.compiled_log_mel_fn(config.log_mel)
+    self._audio_thread = None  # started on the first clip with both modalities
 
   @property
   def embedder(self):
@@ -147,12 +151,23 @@ class ClipProcessor:
       if full and full > cfg.max_seconds + 0.5:
         end = (start or 0.0) + cfg.max_seconds
         warnings.append(f"{full:.0f} s long: kept the first {cfg.max_seconds:g} s")
+    # The audio's truncation check compares with the segment actually asked for (trim,
+    # --max_seconds), so a cut never reads as a truncation.
+    audio = video = None
+    if cfg.audio and cfg.visual:  # both decode at once; their errors are raised in order
+      if self._audio_thread is None:
+        self._audio_thread = futures.ThreadPoolExecutor(1, "audio")
+      audio = self._audio_thread.submit(media.read_audio, job.path, start, end,
+                                        cfg.log_mel.sample_rate).result
+    elif cfg.audio:
+      audio = _later(media.read_audio, job.path, start, end, cfg.log_mel.sample_rate)
+    if cfg.visual:
+      video = _later(media.sample_video_frames, job.path, cfg.num_video_frames,
+                     cfg.image_size, start, end)
     log_mel, duration = None, 0.0
     if cfg.audio:
       try:
-        # Compared with the segment actually asked for (trim, --max_seconds), so a cut
-        # never reads as a truncation.
-        decoded = media.read_audio(job.path, start, end, cfg.log_mel.sample_rate)
+        decoded = audio()
       except media.MediaError as e:
         if not (cfg.allow_missing_modality and cfg.visual):
           raise
@@ -176,8 +191,7 @@ class ClipProcessor:
     num_video_frames = 0
     if cfg.visual:
       try:
-        frames = media.sample_video_frames(job.path, cfg.num_video_frames, cfg.image_size,
-                                           start, end)
+        frames = video()
       except media.MediaError as e:
         if not (cfg.allow_missing_modality and log_mel is not None):
           raise
@@ -202,6 +216,19 @@ class ClipProcessor:
         has_audio=log_mel is not None, has_video=embedding_mean is not None,
         warnings="; ".join(warnings),
         embedding_dim=0 if embedding_mean is None else int(np.size(embedding_mean)))
+
+
+def _later(fn, *args):
+  """Runs fn(*args) now; the returned callable gives its result or raises its error."""
+  try:
+    result = fn(*args)
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+
+    def fail():
+      raise error
+    return fail
+  return lambda: result
 
 
 def _make_example(job, start, end, duration, log_mel, embedding_mean, per_frame,

@@ -520,3 +520,64 @@ def test_duplicates_on_a_non_local_file_system():
       ("ram://dup_in/a.ogg", "duplicate of ram://dup_in/a.ogg (line 2)"),
       ("ram://dup_in/b.ogg", "duplicate of ram://dup_in/a.ogg (line 2)"),
       ("ram://dup_in/c.ogg", "")]
+
+
+def _video_only_mp4(path):
+  """One second of H.264 (16 frames, 64 px) and no audio track."""
+  import av  # pylint: disable=g-import-not-at-top
+  with av.open(str(path), "w") as out:
+    stream = out.add_stream("libx264", rate=16)
+    stream.width = stream.height = 64
+    stream.pix_fmt = "yuv420p"
+    for i in range(16):
+      frame = av.VideoFrame.from_ndarray(np.full([64, 64, 3], 15 * i, np.uint8), "rgb24")
+      for packet in stream.encode(frame):
+        out.mux(packet)
+    for packet in stream.encode(None):
+      out.mux(packet)
+  return str(path)
+
+
+def test_audio_and_frames_decoded_together(tmp_path):
+  """With both modalities featurize decodes the audio in a second thread while the frames
+  decode: each Example holds exactly what the two decoders give one after the other, and
+  failures keep their order (the audio's reason first)."""
+  from av_sound_tf.core import media  # pylint: disable=g-import-not-at-top
+  clips = sorted(glob.glob(os.path.join(shared_path("real_av", "clips", whole_set=True),
+                                        "*.mp4")))[::10]
+  config = featurize.PrepareConfig(output_dir=str(tmp_path), modalities=("audio", "visual"),
+                                   embedder="tiny", image_size=32, num_video_frames=8,
+                                   store_frame_embeddings=True)
+  processor = featurize.ClipProcessor(config)
+  jobs = [inputs.ClipJob(i, f"c{i}", p, "train", [0], ["/m/x"]) for i, p in enumerate(clips)]
+  jobs.append(inputs.ClipJob(9, "cut", clips[0], "train", [0], ["/m/x"], 1.5, 4.0, "always"))
+  for job in jobs:
+    result = processor(job)
+    assert result.status == "written", result.reason
+    waveform = media.read_audio(job.path, job.start_seconds, job.end_seconds).waveform
+    frames = media.sample_video_frames(job.path, 8, 32, job.start_seconds, job.end_seconds)
+    mean, per_frame = processor.embedder.embed_clip(frames)
+    expected = featurize._make_example(  # pylint: disable=protected-access
+        job, job.start_seconds, job.end_seconds, waveform.shape[0] / 16000,
+        processor.log_mel(waveform), mean, per_frame, 8)
+    assert result.example == expected.SerializeToString(), job.path
+
+  silent_video = _video_only_mp4(tmp_path / "silent.mp4")
+  subtitles = tmp_path / "subtitles.mp4"  # FFmpeg reads it as SubRip: neither stream
+  subtitles.write_text("1\n00:00:00,000 --> 00:00:01,000\nhello\n")
+  for lenient, path, want in [(False, silent_video, "no audio track"),
+                              (False, str(subtitles), "no audio track"),
+                              (True, str(subtitles), "no video track")]:
+    config = featurize.PrepareConfig(
+        output_dir=str(tmp_path), modalities=("audio", "visual"), embedder="tiny",
+        image_size=32, num_video_frames=8, allow_missing_modality=lenient)
+    result = featurize.ClipProcessor(config)(inputs.ClipJob(0, "x", path, "train", [0],
+                                                            ["/m/x"]))
+    assert (result.status, result.reason) == ("failed", want), path
+  config = featurize.PrepareConfig(output_dir=str(tmp_path), modalities=("audio", "visual"),
+                                   embedder="tiny", image_size=32, num_video_frames=8,
+                                   allow_missing_modality=True)
+  result = featurize.ClipProcessor(config)(inputs.ClipJob(0, "x", silent_video, "train", [0],
+                                                          ["/m/x"]))
+  assert result.status == "written" and result.warnings == "audio missing: no audio track"
+  assert result.duration_seconds == pytest.approx(1.0, abs=0.07)
