@@ -76,9 +76,14 @@ class ProcessClip(beam.DoFn):
     self.processor = None
 
   def setup(self):
-    # One thread per worker process: Beam parallelizes over processes and workers.
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    # One thread per worker process: Beam parallelizes over processes and workers. Where
+    # TensorFlow already runs in this process (the in-memory DirectRunner, --num_workers=1,
+    # inside a launcher that has read shards back), its thread settings stay as they are.
+    try:
+      tf.config.threading.set_intra_op_parallelism_threads(1)
+      tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # "cannot be modified after initialization"
+      pass
     self.processor = featurize.ClipProcessor(self.config)
     if self.config.visual:  # the embedder (a TFLite interpreter, ResNet-152) once per DoFn
       _ = self.processor.embedder  # instance, here rather than on its first clip

@@ -172,8 +172,12 @@ def test_duplicates_leaks_and_damaged_shards_as_the_local_writer(tmp_path):
 
 def test_tflite_embedder_built_once_per_worker_in_setup(tmp_path, monkeypatch):
   """ProcessClip.setup builds the frame embedder (here the MobileNet TFLite interpreter)
-  before the first clip; every clip of that DoFn instance reuses it."""
+  before the first clip; every clip of that DoFn instance reuses it. Setup also works in a
+  process where TensorFlow already runs (the in-memory DirectRunner of a resumed run: its
+  thread settings can no longer change)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from av_sound_tf.core import embedders  # pylint: disable=g-import-not-at-top
+  _ = tf.constant(1) + 1  # TensorFlow's context now exists, as in the launcher
   from tests.embedders_test import mobilenet_path  # pylint: disable=g-import-not-at-top
   clips = sorted(os.listdir(shared_path("real_av", "clips")))[:2]
   file_list = write_list(tmp_path / "list.csv", [
