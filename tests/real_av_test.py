@@ -164,3 +164,25 @@ def test_all_real_clips_prepared_with_mobilenet_and_tagged(tmp_path):
   assert rates == {22050, 44100}
   saved, _ = _export_audiovisual(out, tmp_path)
   _tag_and_check(saved, sorted(examples), tmp_path, top_k=2)
+
+
+def test_a_bad_tflite_embedder_stops_both_binaries_before_any_clip(tmp_path):
+  """A truncated TFLite file: bin/prepare_data and bin/tag stop with one line naming it,
+  exit status 2, no traceback, before any clip is read or any shard written."""
+  content = open(mobilenet_path(), "rb").read()
+  bad = tmp_path / "truncated.tflite"
+  bad.write_bytes(content[:len(content) // 3])
+  _write_list(FIVE[:1], tmp_path / "list.csv")
+  clip = shared_path("real_av", "clips", FIVE[0])
+  for binary, args in (
+      ("prepare_data", [f"--file_list={tmp_path / 'list.csv'}",
+                        f"--output_dir={tmp_path / 'out'}", "--modalities=audio,visual"]),
+      ("tag", [f"--model={tmp_path}", f"--output={tmp_path / 'tags.json'}", clip])):
+    res = run_binary(binary, *args, f"--embedder=tflite:{bad}")
+    lines = [l for l in res.stderr.splitlines() if l.startswith(f"{binary}: error:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert lines == [f"{binary}: error: {bad}: truncated or damaged TFLite model: its "
+                     f"flatbuffer does not parse within the file's {len(content) // 3} "
+                     "bytes"], res.stderr[-2000:]
+  assert not (tmp_path / "out" / "manifest.csv").exists()
+  assert not (tmp_path / "tags.json").exists()
