@@ -346,7 +346,7 @@ def test_bad_tflite_files_fail_in_one_line(tmp_path):
       tf.lite.TFLiteConverter.from_concrete_functions([concrete], audio).convert())
   cases = {
       "missing.tflite": (FileNotFoundError, "TFLite frame embedder not found: "),
-      "empty.tflite": (ValueError, "not a TFLite model \\(no TFL3 file identifier"),
+      "empty.tflite": (ValueError, "empty file \\(0 bytes\\), not a TFLite model"),
       "text.tflite": (ValueError, "not a TFLite model \\(no TFL3 file identifier"),
       "half.tflite": (ValueError, "truncated"),
       "audio.tflite": (ValueError, "not an image feature-vector model: expected one input "

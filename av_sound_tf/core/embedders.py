@@ -51,6 +51,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from av_sound_tf.core import model_files
+
 
 @dataclasses.dataclass
 class FrameEmbedder:
@@ -222,30 +224,6 @@ def _color_layout(image_size: int) -> FrameEmbedder:
 _TFLITE_INPUT_DTYPES = (np.uint8, np.int8, np.float32)
 
 
-def _check_tflite_bytes(content: bytes, path: str):
-  """Raises ValueError naming `path` unless `content` is a whole TFLite flatbuffer (the
-  interpreter does not verify it and crashes the process on a truncated file).
-
-  The same checks as serving/tflite.check_model_bytes, which core cannot import (layering);
-  delete this copy when that function moves down to core (asked in the requests file).
-  """
-  if len(content) < 8 or content[4:8] != b"TFL3":
-    raise ValueError(f"{path}: not a TFLite model (no TFL3 file identifier at bytes 4-8; "
-                     f"{len(content)} bytes)")
-  from tensorflow.lite.python import schema_py_generated as schema_fb  # pylint: disable=g-import-not-at-top
-  try:
-    model = schema_fb.ModelT.InitFromObj(schema_fb.Model.GetRootAsModel(content, 0))
-  except Exception:  # pylint: disable=broad-except  (struct.error, IndexError, ...)
-    raise ValueError(f"{path}: truncated or damaged TFLite model: its flatbuffer does not "
-                     f"parse within the file's {len(content)} bytes") from None
-  for i, buffer in enumerate(model.buffers or []):
-    if buffer.offset and buffer.offset + buffer.size > len(content):
-      raise ValueError(f"{path}: truncated TFLite model: buffer {i} ends at byte "
-                       f"{buffer.offset + buffer.size} of {len(content)}")
-  if not model.subgraphs:
-    raise ValueError(f"{path}: damaged TFLite model: no subgraph")
-
-
 def _dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
   """Real values of a quantized output (per tensor or per channel); floats pass through."""
   if detail["dtype"] == np.float32:
@@ -271,11 +249,7 @@ class TFLiteFrames:
   """
 
   def __init__(self, path: str, num_threads: Optional[int] = None):
-    if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
-      raise FileNotFoundError(f"TFLite frame embedder not found: {path}")
-    with tf.io.gfile.GFile(path, "rb") as f:
-      content = f.read()
-    _check_tflite_bytes(content, path)
+    content = model_files.read_tflite_file(path, "TFLite frame embedder")
     if num_threads is None:  # the worker's setting (1 in preparation workers), else all
       num_threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
     try:

@@ -85,46 +85,19 @@ def labels_path_for(model_path: str) -> str:
 
 
 def check_model_bytes(content: bytes, path: str = "<bytes>"):
-  """Raises ValueError naming `path` unless `content` is a whole TFLite flatbuffer.
-
-  The interpreter builds its model without verifying the flatbuffer, so a truncated file
-  crashes the process (exit 139). Here: the file identifier ``TFL3`` (bytes 4-8), then a
-  complete parse with the schema's generated Python reader, whose every read is bounds
-  checked, and every external buffer (offset, size) inside the file; for a model with TFLite
-  metadata, the associated files packed after the flatbuffer (`metadata.check_packed_files`).
-  """
-  if not content:
-    raise ValueError(f"{path}: empty file (0 bytes), not a TFLite model")
-  if len(content) < 8 or content[4:8] != b"TFL3":
-    raise ValueError(f"{path}: not a TFLite model (no TFL3 file identifier at bytes 4-8; "
-                     f"{len(content)} bytes)")
-  from tensorflow.lite.python import schema_py_generated as schema_fb  # pylint: disable=g-import-not-at-top
-  try:
-    model = schema_fb.ModelT.InitFromObj(schema_fb.Model.GetRootAsModel(content, 0))
-  except Exception:  # pylint: disable=broad-except  (struct.error, IndexError, ...)
-    raise ValueError(f"{path}: truncated or damaged TFLite model: its flatbuffer does not "
-                     f"parse within the file's {len(content)} bytes") from None
-  for i, buffer in enumerate(model.buffers or []):
-    if buffer.offset and buffer.offset + buffer.size > len(content):
-      raise ValueError(f"{path}: truncated TFLite model: buffer {i} ends at byte "
-                       f"{buffer.offset + buffer.size} of {len(content)}")
-  if not model.subgraphs:
-    raise ValueError(f"{path}: damaged TFLite model: no subgraph")
+  """Raises ValueError naming `path` unless `content` is a whole TFLite flatbuffer
+  (`model_files.check_tflite_flatbuffer`: the interpreter builds its model without verifying
+  it, so a truncated file crashes the process, exit 139) and, for a model with TFLite
+  metadata, its associated files packed after the flatbuffer are whole
+  (`metadata.check_packed_files`)."""
+  model_files.check_tflite_flatbuffer(content, path)
   metadata.check_packed_files(content, path)  # the label files packed after the flatbuffer
 
 
 def read_model(path: str) -> bytes:
-  """The bytes of a .tflite file, checked (`check_model_bytes`) before any interpreter
+  """The bytes of a .tflite tagger, checked (`check_model_bytes`) before any interpreter
   sees them; FileNotFoundError / ValueError naming the file otherwise."""
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"TFLite model not found: {path}")
-  reason = files.not_regular_file_reason(path)
-  if reason:
-    raise ValueError(f"{path}: {reason}, not a TFLite model")
-  with tf.io.gfile.GFile(path, "rb") as f:
-    content = f.read()
-  check_model_bytes(content, path)
-  return content
+  return model_files.read_tflite_file(path, "TFLite model", check_model_bytes)
 
 
 def read_label_map(model_path: str, content: Optional[bytes] = None):
