@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?= -n 2 --dist loadfile
 
-.PHONY: install test test-slow demo bench bench-esc10 bench-distill clean
+.PHONY: install test test-slow demo bench bench-esc10 bench-distill bench-peers clean
 
 install: $(STAMP)
 
@@ -41,6 +41,17 @@ bench-esc10: install
 bench-distill: demo bench-esc10
 	$(PY) benchmarks/distill_benchmark.py --demo_dir=demo_out --seeds=0,1,2 \
 	    --esc10_dir=out/esc10_bench --folds=1,2,3,4,5 --out=out/distill
+
+# Peers side by side in one run (issue 18): the Table-1 network in PyTorch, librosa, YAMNet's
+# TFLite. torch is a benchmark dependency only (requirements-bench.txt says why --no-deps).
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): requirements-bench.txt $(STAMP)
+	$(PY) -m pip install --quiet --no-deps -r requirements-bench.txt
+	@touch $(BENCH_STAMP)
+
+bench-peers: install $(BENCH_STAMP)
+	$(PY) benchmarks/peers_benchmark.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
