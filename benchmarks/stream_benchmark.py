@@ -15,7 +15,8 @@ by side in this one run:
 Each run is `bin/tag --model=... --timeline --threshold=... --output=<json> <file>`; its
 peak resident memory is the child's VmHWM (/proc/self/status, read by the child as it
 exits: ru_maxrss would also count the parent's memory the child had before its exec), its
-speed is audio seconds per wall second ("x real time"). Prints one row per run, then the ratio of peak memory of the
+speed is audio seconds per wall second ("x real time"), and per CPU second of the child
+(user + system; less sensitive to other processes on a shared machine). Prints one row per run, then the ratio of peak memory of the
 longest to the shortest recording (new path) and the speed ratio new / old per file.
 
   .venv/bin/python benchmarks/stream_benchmark.py
@@ -27,6 +28,7 @@ measured in one run are what to compare.
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -136,20 +138,23 @@ finally:
 
 
 def run_tag(tree, pythonpath, args):
-  """(peak RSS in MB, wall seconds, exit status) of bin/tag in a child process."""
+  """(peak RSS in MB, wall seconds, CPU seconds, exit status) of bin/tag in a child."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   if pythonpath:
     env["PYTHONPATH"] = pythonpath
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.perf_counter()
   proc = subprocess.run([sys.executable, "-c", _WRAPPER, os.path.join(tree, "bin", "tag"),
                          *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                         cwd=tree, check=False)  # cwd: "-c" puts it first on sys.path
   wall = time.perf_counter() - t0
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
   stderr = proc.stderr.decode(errors="replace")
   peaks = [int(l.split()[1]) for l in stderr.splitlines() if l.startswith("PEAK_KB ")]
   if proc.returncode or not peaks:
     print(stderr[-2000:], file=sys.stderr)
-  return (peaks[-1] / 1024 if peaks else float("nan")), wall, proc.returncode
+  return (peaks[-1] / 1024 if peaks else float("nan")), wall, cpu, proc.returncode
 
 
 def main(argv):
@@ -174,15 +179,17 @@ def main(argv):
   rows = []
   print(f"model: MobileMIL width 1, 527 classes; recordings: {os.path.basename(FLAGS.source)}"
         f" repeated, {rate} Hz 16-bit mono WAV", flush=True)
-  print(f"{'recording':>10} {'path':>4} {'wall s':>8} {'x real time':>12} {'peak MB':>8} "
-        f"{'steps':>7} {'events':>7}", flush=True)
+  print(f"load average before: {os.getloadavg()[0]:.1f} (2 cores here: the wall-clock "
+        "figures shrink with it; CPU seconds much less)", flush=True)
+  print(f"{'recording':>10} {'path':>4} {'wall s':>8} {'x real time':>12} {'CPU s':>8} "
+        f"{'audio s/CPU s':>13} {'peak MB':>8} {'steps':>7} {'events':>7}", flush=True)
   for seconds, path in recordings:
     runs = [("new", REPO, None, ["--window_seconds", str(FLAGS.window_seconds)])]
     if old and seconds <= FLAGS.old_max_hours * 3600 + 1:
       runs.append(("old", old, old, []))
     for name, tree, pythonpath, extra in runs:
       out = os.path.join(work, f"{name}_{int(seconds)}.json")
-      peak, wall, code = run_tag(tree, pythonpath, [
+      peak, wall, cpu, code = run_tag(tree, pythonpath, [
           f"--model={model}", "--timeline", f"--threshold={FLAGS.threshold}",
           f"--output={out}", "--progress_every=3600", *extra, path])
       if code:
@@ -191,7 +198,8 @@ def main(argv):
       steps = len(result["timeline"]["times"])
       rows.append((seconds, name, wall, seconds / wall, peak))
       print(f"{seconds / 3600:>9.2f}h {name:>4} {wall:>8.1f} {seconds / wall:>11.0f}x "
-            f"{peak:>8.0f} {steps:>7} {len(result['events']):>7}", flush=True)
+            f"{cpu:>8.1f} {seconds / cpu:>13.0f} {peak:>8.0f} {steps:>7} "
+            f"{len(result['events']):>7}", flush=True)
   new = {s: (speed, peak) for s, n, _, speed, peak in rows if n == "new"}
   shortest, longest = durations[0], durations[-1]
   print(f"peak memory, new path: {longest / 3600:.2f} h / {shortest / 3600:.2f} h = "

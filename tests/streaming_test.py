@@ -103,6 +103,8 @@ def exports(tmp_path_factory):
     path = str(tmp / f"{name}.keras")
     _random_weights(model, seed=0).save(path)
     out[name] = export.export_saved_model(path, labels_path, str(tmp / name))["path"]
+  out["mil_convnet_4s"] = export.export_saved_model(  # signatures refuse more than 4 s
+      str(tmp / "mil_convnet.keras"), labels_path, str(tmp / "short"), max_seconds=4.0)["path"]
   out["tflite"] = tflite.convert(str(tmp / "mil_convnet.keras"), labels_path,
                                  str(tmp / "tflite"), variants=("float32",))["float32"]
   return out
@@ -139,6 +141,21 @@ def test_streamed_segment_scores_equal_a_whole_file_pass(exports, network):
   assert result.duration_seconds == pytest.approx(61.459, abs=1e-3)
   expected = _reference_events(whole, tagger.names, tagger.mids, 0.5, 0.32, 0.96)
   assert result.events == expected and len(expected) >= 2
+
+
+def test_calls_are_cut_to_the_exports_longest_waveform(exports):
+  """An export that takes at most 4 s per call: the 30 s default window is cut to 4 s, and
+  the scores are those of the same network exported for 600 s (where 30 s calls fit)."""
+  path = shared_path(*RECORDING)
+  short = tagging.Tagger(exports["mil_convnet_4s"], top_k=NUM_CLASSES)
+  assert short.window == 64000
+  got = short.tag_file(path, timeline=True)
+  assert got.status == "ok", got.reason
+  reference = tagging.Tagger(exports["mil_convnet"], top_k=NUM_CLASSES).tag_file(
+      path, timeline=True)
+  assert [l["name"] for l in got.labels] == [l["name"] for l in reference.labels]
+  for name, scores in reference.timeline["scores"].items():
+    np.testing.assert_allclose(got.timeline["scores"][name], scores, atol=1e-6, rtol=0)
 
 
 def test_streamed_tflite_windows_equal_a_whole_file_pass(exports):

@@ -101,7 +101,8 @@ class Tagger:
     top_k: classes per file.
     window_seconds: SavedModel: seconds of audio per model call, the receptive-field
       overlap included (at least 2.9 s; at most the export's ``max_seconds``, 600 s by
-      default). The scores do not depend on it; longer calls overlap less.
+      default; a longer one is cut to it). The scores do not depend on it; longer calls
+      overlap less.
     embedder: a frame embedder (`embedders.build_embedder`) for audiovisual tagging.
     threads: TFLite interpreter threads.
     block_seconds: seconds of audio decoded per block.
@@ -134,6 +135,10 @@ class Tagger:
       self.names = [n.decode() for n in class_map["display_name"].numpy()]
       self.mids = [m.decode() for m in class_map["mid"].numpy()]
       self.window = int(round(window_seconds * constants.SAMPLE_RATE))
+      info = tf.io.gfile.join(model_path, "assets.extra", "export_info.json")
+      if tf.io.gfile.exists(info):  # calls no longer than the signatures accept
+        max_seconds = json.loads(tf.io.gfile.GFile(info).read()).get("max_seconds") or 1e9
+        self.window = min(self.window, int(max_seconds * constants.SAMPLE_RATE))
       if self.window < timeline_lib.min_chunk_samples():
         raise ValueError(f"window_seconds must be >= "
                          f"{timeline_lib.min_chunk_samples() / constants.SAMPLE_RATE:.2f} "
