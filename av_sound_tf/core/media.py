@@ -367,7 +367,7 @@ def sample_video(path, num_frames=64, image_size=224, start_seconds=None,
     stream, targets = _video_segment(path, container, num_frames, start_seconds, end_seconds)
     try:
       picked = video_frames.sample_frames(container, stream, targets, convert)
-    except av.error.FFmpegError:
+    except (av.error.FFmpegError, ValueError):
       picked = None  # e.g. a demuxing error: decode frame by frame below
   if picked is None:
     with _open(path) as container:

@@ -12,8 +12,9 @@ converted once.
 segment first (demuxing costs about 2 % of decoding), computes the picks from the packets'
 presentation times, and then decodes every packet except the non-reference frames that
 are not picked (no other frame is predicted from them, so skipping them changes no other
-frame). On the 30 real H.264 clips of ../shared/data/real_av that skips about 40 % of the
-frames; benchmarks/frame_benchmark.py measures the effect. A packet is a non-reference
+frame). On the 30 real H.264 clips of ../shared/data/real_av 41 % of the frames are
+non-reference and 31 % are never decoded (64 frames per clip); benchmarks/frame_benchmark.py
+measures the effect. A packet is a non-reference
 frame when the demuxer marks it disposable, or, for H.264 in the MP4/Matroska (avcC)
 layout, when every NAL unit in it has ``nal_ref_idc == 0`` and it holds a slice (no IDR,
 no parameter sets). Other codecs decode every frame.
