@@ -133,3 +133,31 @@ def test_converts_to_tflite_builtins(tmp_path):
   np.testing.assert_allclose(got, layer(y).numpy(), atol=1e-4)
   ops = {d["op_name"] for d in interpreter._get_ops_details()}  # pylint: disable=protected-access
   assert "RFFT2D" in ops and not any(o.startswith("Flex") for o in ops), ops
+
+
+@pytest.mark.parametrize("frame_length,frame_step", [(256, 160), (400, 160), (256, 128),
+                                                     (100, 160), (160, 160)])
+@pytest.mark.parametrize("shape", [[1000], [2, 3, 1000], [1, 255], [1, 0]])
+def test_frame_blocks_equals_tf_signal_frame(frame_length, frame_step, shape):
+  """The front end's framing (reshapes and slices, no gather) gives tf.signal.frame's frames,
+  value for value, for any lengths, leading dimensions and too-short waveforms."""
+  y = np.random.default_rng(4).normal(0, 0.1, shape).astype(np.float32)
+  want = tf.signal.frame(y, frame_length, frame_step).numpy()
+  got = features.frame_blocks(y, frame_length, frame_step).numpy()
+  assert got.shape == want.shape
+  np.testing.assert_array_equal(got, want)
+  traced = tf.function(lambda w: features.frame_blocks(w, frame_length, frame_step))
+  assert traced.get_concrete_function(tf.TensorSpec(shape)).output_shapes == want.shape
+
+
+def test_log_mel_equals_the_tf_signal_stft_formula():
+  """Exactly what the front end computed with tf.signal.stft (before frame_blocks), eager
+  and XLA-compiled."""
+  y = np.random.default_rng(5).normal(0, 0.1, [2, 48000]).astype(np.float32)
+  stft = tf.signal.stft(y, P.window_length, P.hop_length, P.fft_length,
+                        window_fn=tf.signal.hann_window)
+  power = tf.math.square(tf.math.real(stft)) + tf.math.square(tf.math.imag(stft))
+  want = tf.math.log(tf.tensordot(power, features.mel_weight_matrix(P), axes=1) +
+                     P.log_offset).numpy()
+  np.testing.assert_array_equal(features.log_mel_spectrogram(y).numpy(), want)
+  np.testing.assert_allclose(features.compiled_log_mel_fn(P)(y).numpy(), want, atol=1e-5)
