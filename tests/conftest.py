@@ -3,8 +3,8 @@
 shared_path(*parts) looks a file up under ../shared/data (or $AV_SOUND_TF_SHARED_DATA); when it
 is not there it takes the copy in tests/data/shared_subset (21 ESC-10 clips, 8 of the 9 video
 files, one librosa recording, two AudioSet files: byte-identical copies, with their attribution
-in that folder's README.md), so a fresh clone runs the suite. Tests that need a whole data set (all 400 ESC-10
-clips, the full AudioSet segment lists, real_av/, ../shared/models) pass whole_set=True or name
+in that folder's README.md), so a fresh clone runs the suite. Tests that need a whole data set
+(all 400 ESC-10 clips, the full AudioSet segment lists, real_av/) pass whole_set=True or name
 files the subset lacks, and skip with a message when ../shared is absent.
 """
 

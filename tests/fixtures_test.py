@@ -6,7 +6,9 @@
   and, where ../shared/data has the original, the original's SHA-256 is the same;
 * only the folders whose licenses allow redistribution are there (never real_av/ or models);
 * esc10/labels.csv lists exactly the vendored clips (tests read clips through it);
-* the whole folder stays under MAX_BYTES.
+* the whole folder stays under MAX_BYTES;
+* shared_path's rule: ../shared/data first, the subset for a file not there, a skip for
+  whole_set=True or a file in neither.
 """
 
 import csv
@@ -14,6 +16,9 @@ import hashlib
 import os
 import re
 
+import pytest
+
+from tests import conftest
 from tests.conftest import SHARED_DATA, SUBSET
 
 # 7,549,184 bytes of files today: 21 ESC-10 clips (1.9 MB; beam, prepare, faults, tflite and
@@ -102,3 +107,27 @@ def test_esc10_labels_list_exactly_the_vendored_clips():
 def test_subset_stays_small():
   total = sum(os.path.getsize(os.path.join(SUBSET, p)) for p in _vendored())
   assert total <= MAX_BYTES, f"{total} bytes vendored, limit {MAX_BYTES}"
+
+
+def _resolve(*parts, **kw):
+  """shared_path's answer: the path, or "skip: <message>" (a skip here must not skip the test)."""
+  try:
+    return conftest.shared_path(*parts, **kw)
+  except pytest.skip.Exception as e:
+    return f"skip: {e}"
+
+
+def test_shared_path_falls_back_to_the_subset_file_by_file(tmp_path, monkeypatch):
+  monkeypatch.setattr(conftest, "SHARED_DATA", str(tmp_path))
+  dog = ("esc10", "001 - Dog bark", "1-100032-A.ogg")
+  assert _resolve(*dog) == os.path.join(SUBSET, *dog)
+  assert _resolve("esc10") == os.path.join(SUBSET, "esc10")
+  (tmp_path / "esc10").mkdir()
+  (tmp_path / "esc10" / "labels.csv").write_text("path,class\n")
+  assert _resolve("esc10", "labels.csv") == str(tmp_path / "esc10" / "labels.csv")
+  assert _resolve("esc10", "labels.csv", whole_set=True) == str(tmp_path / "esc10" / "labels.csv")
+  assert _resolve(*dog) == os.path.join(SUBSET, *dog)  # the rest still falls back
+  assert _resolve("audioset", "ontology.json", whole_set=True).startswith(
+      f"skip: shared data not found: {tmp_path}/audioset/ontology.json (needs the whole data set")
+  assert _resolve("real_av", "clips").startswith(
+      f"skip: shared data not found: {tmp_path}/real_av/clips (not in the vendored subset either")
