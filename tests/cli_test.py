@@ -103,7 +103,7 @@ def test_prepare_data_stops_on_an_embedder_that_cannot_be_built(tmp_path):
   file_list = _tiny_list(tmp_path)
   for args, expected in (
       (["--embedder=resnet125"], "Unknown frame embedder. Expected one of ('resnet152', "
-       "'hub:<path>', 'tiny', 'color_layout'). Received: 'resnet125'"),
+       "'hub:<path>', 'tflite:<path>', 'tiny', 'color_layout'). Received: 'resnet125'"),
       (["--embedder=resnet152", "--embedder_weights=/nonexistent/r.h5"],
        "ResNet-152 weights file not found: /nonexistent/r.h5")):
     out = tmp_path / "out"
