@@ -15,9 +15,10 @@ samples: frames and poolings line up with the whole-file pass) and overlap by
 field reaches past its 96 frames, and near a chunk's edge the network's zero padding stands
 in for audio the whole-file pass sees. The field is 212 frames for Table 1's network (four
 poolings and B5: 58 frames beyond the 96 on each side) and 247 for MobileMIL (strided
-'same' convolutions, up to 3 segments on the right); measured on exported models, the
-segments 2 (MILConvNet) and 3 (MobileMIL) from a chunk's edge already equal the whole-file
-pass bit for bit, so 3 segments (0.96 s) of context serve both.
+'same' convolutions pad after, so more of it lies on the right). Measured on exported
+models, every segment at least 2 segments from a chunk's inner edges equals the whole-file
+pass bit for bit for MILConvNet; MobileMIL needs 3 on the right (the third from the edge
+is off by about 1e-7, the second by 4e-6). So 3 segments (0.96 s) of context serve both.
 tests/streaming_test.py proves the equality on a real recording for both networks.
 
 TFLite taggers (`WindowScorer`): fixed windows sliding by half a window, as before; the
@@ -39,8 +40,7 @@ SEGMENT_SPAN_SECONDS = models.MIN_FRAMES / constants.FRAMES_PER_SECOND
 SEGMENT_HOP_SAMPLES = models.FRAMES_PER_SEGMENT * constants.HOP_LENGTH  # 5,120
 CONTEXT_SEGMENTS = 3
 _PARAMS = features.DEFAULT_PARAMS
-# Samples that give a whole number of segments: n segments need n hops plus this tail.
-# (n segments need 32 n + 64 frames: 5,120 n + 10,336 samples)
+# n segments need 32 n + 64 frames, i.e. 5,120 n + 10,336 samples: n hops plus this tail.
 _SEGMENT_TAIL = _PARAMS.window_length + (models.MIN_FRAMES - models.FRAMES_PER_SEGMENT - 1
                                          ) * _PARAMS.hop_length
 
