@@ -1,6 +1,7 @@
 """The binaries' shared plumbing: flag files that repeat a run, and embedders checked before
 any clip (issue 17 items 2 and 4)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -168,3 +169,25 @@ def test_export_without_the_metadata_library_stops_before_any_work(tmp_path):
   errors = [l for l in res.stderr.splitlines() if "mediapipe" in l]
   assert errors and "simulated: mediapipe not installed" in errors[-1], res.stderr[-2000:]
   assert not (tmp_path / "serving").exists() and not (tmp_path / "tflite").exists()
+
+
+def test_tag_repeats_a_run_from_its_flagfile(tmp_path):
+  """tag.flags holds the flags and the tagged paths: `--flagfile` alone (with another
+  --output) tags the same files with the same results."""
+  _tiny_list(tmp_path)
+  lite = os.path.join(REPO, "tests", "data", "legacy_df56a22", "tflite",
+                      "audio_tagger_float32.tflite")
+  first = tmp_path / "run1" / "tags.json"
+  first.parent.mkdir()
+  res = run_binary("tag", f"--model={lite}", "--tflite", "--top_k=3", f"--output={first}",
+                   str(tmp_path / "a0.wav"), str(tmp_path / "a1.wav"), timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  flagfile = first.parent / "tag.flags"
+  lines = flagfile.read_text().splitlines()
+  assert str(tmp_path / "a0.wav") in lines and str(tmp_path / "a1.wav") in lines
+  again = tmp_path / "run2" / "tags.json"
+  again.parent.mkdir()
+  res = run_binary("tag", f"--flagfile={flagfile}", f"--output={again}", timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  results = [json.loads(p.read_text()) for p in (first, again)]
+  assert len(results[0]) == 2 and results[0] == results[1]
