@@ -299,7 +299,7 @@ def test_killed_run_keeps_every_finished_result(exported, tmp_path, suffix):
   """kill -9 of bin/tag after some files are done: --output is a valid JSON list (or CSV)
   holding those files' results. Before: it was written only at the end, so nothing."""
   saved, _, _ = exported
-  esc = shared_path("esc10")
+  esc = shared_path("esc10", whole_set=True)  # 400 files: the run is still going when killed
   out = tmp_path / f"tags{suffix}"
   proc = subprocess.Popen([sys.executable, os.path.join(REPO, "bin", "tag"),
                            f"--model={saved}", f"--output={out}", "--top_k=2", esc],
@@ -376,7 +376,8 @@ def test_sigterm_closes_the_output(exported, tmp_path):
   saved, _, _ = exported
   out = tmp_path / "tags.json"
   proc = subprocess.Popen([sys.executable, os.path.join(REPO, "bin", "tag"),
-                           f"--model={saved}", f"--output={out}", shared_path("esc10")],
+                           f"--model={saved}", f"--output={out}",
+                           shared_path("esc10", whole_set=True)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while not (out.exists() and out.stat().st_size > 100):
