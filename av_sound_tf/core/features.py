@@ -20,8 +20,9 @@ The paper leaves the rest open; our choices, and why:
   -13.8, about 60 dB below a quiet -40 dBFS tone) and converts to TFLite without special ops.
 
 The STFT is `tf.signal.rfft` of Hann-windowed frames that `frame_blocks` cuts with
-reshapes and slices (the frames of ``tf.signal.stft``, bit for bit, without its gather: about
-15 % less CPU time per 10 s clip, benchmarks/peers_benchmark.py). The RFFT used to block
+reshapes and slices: the frames of ``tf.signal.stft``, bit for bit, without its gather (about
+15 % less CPU time per compiled 10 s clip in a one-off A/B run on one thread; the ratio to
+librosa is benchmarks/peers_benchmark.py's, docs/benchmarks.md). The RFFT used to block
 TFLite conversion (YAMNet keeps a DFT-as-matmul path for that reason); with TensorFlow 2.17
 the converter lowers it to the builtin ``RFFT2D`` op, which ``tests/features_test.py`` proves
 by converting the layer with ``TFLITE_BUILTINS`` only and comparing the interpreter's output

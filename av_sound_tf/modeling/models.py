@@ -105,7 +105,8 @@ class BatchNormalization(layers.BatchNormalization):
   Keras 3.6 normalizes with separate moments, normalize and gradient ops: on Table 1 at
   batch 8 x 1024 frames that is about a fifth of the CPU time of a training step (B1's
   activations are 134 MB each), and FusedBatchNormV3 (one pass forward, one backward) cuts
-  the step's CPU time by about 20 % (docs/benchmarks.md, benchmarks/peers_benchmark.py).
+  the step's CPU time by about 20 % (benchmarks/train_profile.py --batch_norm=fused|keras;
+  docs/benchmarks.md).
   Same variables, the same batch statistics (the moving variance is updated with the
   biased batch variance, as Keras does; the kernel returns the unbiased one), the same
   results up to float rounding (tests/models_test.py). Inference, other ranks, other
