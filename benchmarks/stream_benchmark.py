@@ -92,17 +92,7 @@ def small_model(work_dir):
   from av_sound_tf.serving import export  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(0)
   model = models.MobileMIL(num_classes=527, num_frames=128, width=1.0)
-  rng = np.random.default_rng(0)
-  for v in model.weights:  # fresh MobileMIL scores are all 0.5: draw weights that move
-    shape = tuple(v.shape)
-    if "variance" in v.path:
-      value = rng.uniform(0.5, 2.0, shape)
-    elif "gamma" in v.path:
-      value = rng.uniform(0.5, 1.5, shape)
-    else:
-      value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1]) if len(shape) > 1 else 1),
-                         shape)
-    v.assign(value.astype("float32"))
+  models.randomize_weights(model, seed=0)  # fresh MobileMIL scores are all 0.5
   model_path = os.path.join(work_dir, "mobile_mil.keras")
   model.save(model_path)
   labels_path = os.path.join(work_dir, "labels.csv")

@@ -178,7 +178,7 @@ def test_tflite_embedder_built_once_per_worker_in_setup(tmp_path, monkeypatch):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from av_sound_tf.core import embedders  # pylint: disable=g-import-not-at-top
   _ = tf.constant(1) + 1  # TensorFlow's context now exists, as in the launcher
-  from tests.embedders_test import mobilenet_path  # pylint: disable=g-import-not-at-top
+  from tests.conftest import mobilenet_path  # pylint: disable=g-import-not-at-top
   clips = sorted(os.listdir(shared_path("real_av", "clips")))[:2]
   file_list = write_list(tmp_path / "list.csv", [
       (os.path.join(shared_path("real_av", "clips"), c), "x") for c in clips])

@@ -39,6 +39,26 @@ def shared_path(*parts, whole_set=False):
               "folder that holds audioset/, esc10/, librosa/ and video/)")
 
 
+# The ImageNet MobileNet v1 frame-embedding extractor in ../shared/models (Apache-2.0).
+MOBILENET = ("coral_mobilenet_v1_embedding",
+             "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite")
+
+
+def shared_model_path(*parts):
+  """Path under ../shared/models (beside the shared data folder), or skip with a message."""
+  root = os.environ.get("AV_SOUND_TF_SHARED_MODELS",
+                        os.path.join(os.path.dirname(SHARED_DATA), "models"))
+  path = os.path.join(root, *parts)
+  if not os.path.exists(path):
+    pytest.skip(f"shared model not found: {path} (set AV_SOUND_TF_SHARED_MODELS to the folder "
+                "that holds coral_mobilenet_v1_embedding/)")
+  return path
+
+
+def mobilenet_path():
+  return shared_model_path(*MOBILENET)
+
+
 def run_binary(binary, *args, timeout=900):
   """Runs bin/<binary> with this interpreter; returns the CompletedProcess (text output)."""
   return subprocess.run([sys.executable, os.path.join(REPO, "bin", binary), *args],

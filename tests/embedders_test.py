@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from av_sound_tf.core import embedders
-from tests.conftest import shared_path
+from tests.conftest import mobilenet_path, shared_path
 
 
 def _frames(n=5, size=64, seed=0):
@@ -148,8 +148,6 @@ def test_reachable_gives_up_on_a_dead_address():
 
 # ---- tflite:<path> and local ResNet-152 weights on real frames (issue 16) -----------------
 
-MOBILENET = ("coral_mobilenet_v1_embedding",
-             "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite")
 # Eight real clips of eight different sound sources (VAS, VGGSound, Diff-Foley samples).
 GOLDEN_CLIPS = ("difffoley__car.mp4", "specvqgan__vas_baby_video_01951.mp4",
                 "specvqgan__vas_cough_video_00331.mp4", "specvqgan__vas_dog_video_02677.mp4",
@@ -157,22 +155,6 @@ GOLDEN_CLIPS = ("difffoley__car.mp4", "specvqgan__vas_baby_video_01951.mp4",
                 "specvqgan__vas_hammer_video_00323.mp4", "vtaldm__-26aVYRtEAc_000030.mp4",
                 "specvqgan__3HgbEKrbA9s_54000_64000.mp4")
 GOLDEN_FRAMES = 6
-
-
-def shared_model_path(*parts):
-  """Path under ../shared/models (beside the shared data folder), or skip with a message."""
-  from tests.conftest import SHARED_DATA  # pylint: disable=g-import-not-at-top
-  root = os.environ.get("AV_SOUND_TF_SHARED_MODELS",
-                        os.path.join(os.path.dirname(SHARED_DATA), "models"))
-  path = os.path.join(root, *parts)
-  if not os.path.exists(path):
-    pytest.skip(f"shared model not found: {path} (set AV_SOUND_TF_SHARED_MODELS to the folder "
-                "that holds coral_mobilenet_v1_embedding/)")
-  return path
-
-
-def mobilenet_path():
-  return shared_model_path(*MOBILENET)
 
 
 @pytest.fixture(scope="module")

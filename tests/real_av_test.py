@@ -24,8 +24,8 @@ from av_sound_tf.core import media
 from av_sound_tf.core import schema
 from av_sound_tf.modeling import fusion
 from av_sound_tf.modeling import models
-from tests.conftest import run_binary, shared_path
-from tests.embedders_test import _by_hand, mobilenet_path
+from tests.conftest import mobilenet_path, run_binary, shared_path
+from tests.embedders_test import _by_hand
 from tests.prep_helpers import read_manifest
 
 # 22.05 kHz mono at 25 fps, 298x224; 15.25 fps; a 6 s clip at 398x224; portrait 576x720;

@@ -71,22 +71,6 @@ def test_stream_errors_are_media_errors(tmp_path):
     media.iter_audio(shared_path(*RECORDING), 0)
 
 
-def _random_weights(model, seed):
-  """Weights drawn at random (fresh MobileMIL scores are all 0.5: nothing to compare)."""
-  rng = np.random.default_rng(seed)
-  for v in model.weights:
-    shape = tuple(v.shape)
-    if "variance" in v.path:
-      value = rng.uniform(0.5, 2.0, shape)
-    elif "gamma" in v.path:
-      value = rng.uniform(0.5, 1.5, shape)
-    else:
-      value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1]) if len(shape) > 1 else 1),
-                         shape)
-    v.assign(value.astype("float32"))
-  return model
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
   """SavedModels of both audio networks (random weights) and a float32 TFLite tagger."""
@@ -101,7 +85,7 @@ def exports(tmp_path_factory):
                                         width=0.0625)),
       ("mobile_mil", models.MobileMIL(num_classes=NUM_CLASSES, num_frames=128, width=0.25))):
     path = str(tmp / f"{name}.keras")
-    _random_weights(model, seed=0).save(path)
+    models.randomize_weights(model, seed=0).save(path)
     out[name] = export.export_saved_model(path, labels_path, str(tmp / name))["path"]
   out["mil_convnet_4s"] = export.export_saved_model(  # signatures refuse more than 4 s
       str(tmp / "mil_convnet.keras"), labels_path, str(tmp / "short"), max_seconds=4.0)["path"]

@@ -15,6 +15,7 @@ aggregates them to clip (bag) scores; the paper uses global average pooling.
 import keras
 from keras import layers
 from keras import ops
+import numpy as np
 import tensorflow as tf
 
 from av_sound_tf.core import constants
@@ -427,3 +428,21 @@ def with_segment_scores(model: keras.Model) -> keras.Model:
       "segment_scores": model.get_layer("segment_scores").output,
   }, name=f"{model.name}_with_segments")
 
+
+
+def randomize_weights(model: keras.Model, seed: int = 0) -> keras.Model:
+  """Draws every weight at random (He-scaled normals; batch-norm gammas and variances around
+  1) so that an untrained model's scores vary: a fresh MobileMIL scores 0.5 everywhere.
+  For benchmarks and tests that need outputs worth comparing; returns `model`."""
+  rng = np.random.default_rng(seed)
+  for v in model.weights:
+    shape = tuple(v.shape)
+    if "variance" in v.path:
+      value = rng.uniform(0.5, 2.0, shape)
+    elif "gamma" in v.path:
+      value = rng.uniform(0.5, 1.5, shape)
+    else:
+      value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1]) if len(shape) > 1 else 1),
+                         shape)
+    v.assign(value.astype("float32"))
+  return model
