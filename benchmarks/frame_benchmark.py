@@ -15,7 +15,9 @@ repeat, so that both sides see the same load on a shared machine:
       defaults. ``--baseline_threads=default`` keeps PyAV's video default (slice threads).
   (b) preparation, the way bin/prepare_data's worker does it (data_prep/prepare.py
       ``_init_worker``): TensorFlow intra- and inter-op threads 1, one
-      ``featurize.ClipProcessor`` with audio + visual, 64 frames of 224 px, the embedder
+      ``featurize.ClipProcessor`` with audio + visual, the video decoded on one thread
+      (``--decoder_threads=1``, the workers' setting: bin/prepare_data runs one worker per
+      core; ``0`` gives FFmpeg's automatic threads), 64 frames of 224 px, the embedder
       ``--embedder`` (``tiny``: the cheapest, 33 ms per 64 frames here; ``color_layout``
       costs about 0.6 s), one worker (this process; featurize decodes a clip's audio in a
       second thread while its frames decode); then the processor on each clip, up to its
@@ -61,6 +63,8 @@ flags.DEFINE_integer("num_frames", 64, "Frames per clip.")
 flags.DEFINE_integer("image_size", 224, "Frame size.")
 flags.DEFINE_enum("baseline_threads", "auto", ["auto", "default"],
                   "Baseline video decoder threads: thread_type AUTO, or PyAV's default.")
+flags.DEFINE_integer("decoder_threads", 1, "Preparation's video decoder threads "
+                     "(media.sample_video): 1, the workers' setting; 0: FFmpeg's automatic.")
 flags.DEFINE_bool("profile", False, "Profile one more preparation pass.")
 flags.DEFINE_bool("fresh_process", False, "Also time both sides as fresh processes.")
 flags.DEFINE_enum("mode", "both", ["both", "baseline", "prep"],
@@ -136,7 +140,7 @@ def preparation(paths, inline_audio=False):
     _THREADS_SET = True
   jobs = _jobs(paths)
   c0, t0 = cpu_seconds(), time.perf_counter()
-  processor = featurize.ClipProcessor(_config())
+  processor = featurize.ClipProcessor(_config(), FLAGS.decoder_threads)
   _ = processor.embedder  # built on the first visual clip anyway
   if inline_audio:
     processor._audio_thread = _Inline()  # pylint: disable=protected-access
@@ -165,7 +169,7 @@ def interleaved(paths, repeat):
     tf.config.threading.set_inter_op_parallelism_threads(1)
     _THREADS_SET = True
   c0, t0 = cpu_seconds(), time.perf_counter()
-  processor = featurize.ClipProcessor(_config())
+  processor = featurize.ClipProcessor(_config(), FLAGS.decoder_threads)
   _ = processor.embedder  # built on the first visual clip anyway
   startup = (time.perf_counter() - t0, cpu_seconds() - c0)
 
@@ -199,7 +203,8 @@ def _fresh(mode, paths):
   subprocess.run([sys.executable, os.path.abspath(__file__), f"--mode={mode}",
                   f"--clips_dir={FLAGS.clips_dir}", f"--embedder={FLAGS.embedder}",
                   f"--num_frames={FLAGS.num_frames}", f"--image_size={FLAGS.image_size}",
-                  f"--baseline_threads={FLAGS.baseline_threads}"],
+                  f"--baseline_threads={FLAGS.baseline_threads}",
+                  f"--decoder_threads={FLAGS.decoder_threads}"],
                  check=True, stdout=subprocess.DEVNULL)
   wall = time.perf_counter() - t
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -212,7 +217,8 @@ _STEPS = [
     ("log-mel (ClipProcessor.log_mel)", "data_prep/featurize.py", "log_mel"),
     ("video: all (media.sample_video)", "core/media.py", "sample_video"),
     ("  video: demux packets (video_frames._demux)", "core/video_frames.py", "_demux"),
-    ("  video: frame to RGB 224 (FrameFitter.__call__)", "core/video_frames.py", "__call__"),
+    ("  video: frame to RGB 224 (FrameFitter.__call__)", "core/video_frames.py",
+     "FrameFitter.__call__"),
     ("  video: NAL check (video_frames.is_non_reference)", "core/video_frames.py",
      "is_non_reference"),
     ("  video: sequential fallback", "core/video_frames.py", "sample_frames_sequentially"),
@@ -222,18 +228,44 @@ _STEPS = [
 ]
 
 
+def _inline_converter():
+  """video_frames.BackgroundConverter converting in the calling thread (for cProfile)."""
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import video_frames  # pylint: disable=g-import-not-at-top
+
+  class Inline(video_frames.BackgroundConverter):
+
+    def __call__(self, frame):
+      future = futures.Future()
+      future.set_result(self._convert(frame))
+      return future
+
+  return Inline
+
+
 def profile(paths):
+  from av_sound_tf.core import video_frames  # pylint: disable=g-import-not-at-top
+  background = video_frames.BackgroundConverter
+  video_frames.BackgroundConverter = _inline_converter()
   profiler = cProfile.Profile(time.process_time)
-  profiler.enable()
-  _, total, _, _ = preparation(paths, inline_audio=True)
-  profiler.disable()
+  try:
+    profiler.enable()
+    _, total, _, _ = preparation(paths, inline_audio=True)
+    profiler.disable()
+  finally:
+    video_frames.BackgroundConverter = background
   stats = pstats.Stats(profiler).stats
-  print(f"\nProfile of one more preparation pass, audio decoded in the main thread "
-        f"(cProfile sees one thread), in CPU seconds of the process (all threads): "
-        f"{total:.2f} s (cProfile adds overhead)")
+  fitter_line = video_frames.FrameFitter.__call__.__code__.co_firstlineno
+  print(f"\nProfile of one more preparation pass, audio decoded and frames converted in the "
+        f"main thread (cProfile sees one thread), in CPU seconds of the process (all "
+        f"threads): {total:.2f} s (cProfile adds overhead)")
   print(f"{'step':54s} {'calls':>6s} {'cum s':>7s} {'share':>6s}")
   for label, suffix, name in _STEPS:
-    rows = [v for k, v in stats.items() if k[0].endswith(suffix) and k[2] == name]
+    if name == "FrameFitter.__call__":
+      rows = [v for k, v in stats.items()
+              if k[0].endswith(suffix) and k[2] == "__call__" and k[1] == fitter_line]
+    else:
+      rows = [v for k, v in stats.items() if k[0].endswith(suffix) and k[2] == name]
     calls = sum(r[1] for r in rows)
     cum = sum(r[3] for r in rows)
     print(f"{label:54s} {calls:6d} {cum:7.2f} {cum / total:6.1%}")
@@ -260,7 +292,7 @@ def main(argv):
       f.read()
   print(f"{len(paths)} clips in {FLAGS.clips_dir}; embedder {FLAGS.embedder}, "
         f"{FLAGS.num_frames} frames of {FLAGS.image_size} px; baseline video threads: "
-        f"{FLAGS.baseline_threads}; PyAV {av.__version__}, FFmpeg {av.ffmpeg_version_info}; "
+        f"{FLAGS.baseline_threads}; preparation's decoder threads: {FLAGS.decoder_threads}; PyAV {av.__version__}, FFmpeg {av.ffmpeg_version_info}; "
         f"{os.cpu_count()} CPUs")
   best_a = [float("inf")] * len(paths)
   best_b = list(best_a)

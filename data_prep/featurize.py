@@ -92,12 +92,19 @@ class ClipResult:
 
 
 class ClipProcessor:
-  """Decodes one clip and builds its serialized Example. One instance per worker."""
+  """Decodes one clip and builds its serialized Example. One instance per worker.
 
-  def __init__(self, config: PrepareConfig):
+  `video_decoder_threads` (see `media.sample_video`): 1 by default, the least CPU per
+  clip, because bin/prepare_data and the Beam runner run one worker per core.
+  """
+
+  def __init__(self, config: PrepareConfig, video_decoder_threads: int = 1):
     self.config = config
+    self.video_decoder_threads = video_decoder_threads
     self._embedder = None
-    self._log_mel_fn = features.compiled_log_mel_fn(config.log_mel)
+    # Not XLA: one TensorFlow thread per worker, where XLA gains nothing per clip and
+    # would compile once per distinct clip length (features.compiled_log_mel_fn).
+    self._log_mel_fn = features.compiled_log_mel_fn(config.log_mel, jit_compile=False)
     self._audio_thread = None  # started on the first clip with both modalities
 
   @property
@@ -163,7 +170,7 @@ class ClipProcessor:
       audio = _later(media.read_audio, job.path, start, end, cfg.log_mel.sample_rate)
     if cfg.visual:
       video = _later(media.sample_video_frames, job.path, cfg.num_video_frames,
-                     cfg.image_size, start, end)
+                     cfg.image_size, start, end, self.video_decoder_threads)
     log_mel, duration = None, 0.0
     if cfg.audio:
       try:

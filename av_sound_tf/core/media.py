@@ -112,20 +112,35 @@ def _is_cover_art(stream):
 # Integer sample formats -> float in [-1, 1].
 _INT_SCALE = {"u8": (128.0, 128.0), "s16": (0.0, 32768.0), "s32": (0.0, 2147483648.0),
               "s64": (0.0, 9223372036854775808.0)}
+_SAMPLE_DTYPES = {"u8": np.uint8, "s16": np.int16, "s32": np.int32, "s64": np.int64,
+                  "flt": np.float32, "dbl": np.float64}
 
 
 def _frame_to_mono(frame):
-  """An audio frame of any sample format and layout -> mono float32 (channel mean)."""
-  data = frame.to_ndarray()
+  """An audio frame of any sample format and layout -> mono float32 (channel mean).
+
+  The planes are read in place (no ``to_ndarray`` copy) and the channels are summed in
+  order and divided by their count: NumPy's ``mean`` over the channel axis, to the last
+  bit for up to 7 channels (tests/media_test.py compares the two on several sample
+  formats and layouts).
+  """
   fmt = frame.format.name.rstrip("p")
+  dtype = _SAMPLE_DTYPES[fmt]
+  n, channels = frame.samples, len(frame.layout.channels)
+  if frame.format.is_planar:
+    planes = [np.frombuffer(p, dtype, count=n) for p in frame.planes[:channels]]
+  else:  # interleaved: one plane [samples * channels]
+    data = np.frombuffer(frame.planes[0], dtype, count=n * channels)
+    planes = [data[c::channels] for c in range(channels)]
   if fmt in _INT_SCALE:
     offset, scale = _INT_SCALE[fmt]
-    data = (data.astype(np.float32) - offset) / scale
-  channels = len(frame.layout.channels)
-  if frame.format.is_planar:  # [channels, samples]
-    mono = data.mean(axis=0) if channels > 1 else data[0]
-  else:  # [1, samples * channels], interleaved
-    mono = data.reshape(-1, channels).mean(axis=1) if channels > 1 else data.reshape(-1)
+    planes = [(p.astype(np.float32) - offset) / scale for p in planes]
+  # A copy (the frame's buffer is reused by FFmpeg), summed in the samples' precision.
+  mono = planes[0].astype(np.float64 if fmt == "dbl" else np.float32)
+  for plane in planes[1:]:
+    mono += plane
+  if channels > 1:
+    mono /= channels
   return mono.astype(np.float32, copy=False)
 
 
@@ -342,53 +357,72 @@ class SampledFrames:
 
 
 def sample_video(path, num_frames=64, image_size=224, start_seconds=None,
-                 end_seconds=None) -> SampledFrames:
+                 end_seconds=None, decoder_threads=0) -> SampledFrames:
   """Samples `num_frames` frames spread evenly over a video segment (paper Sec. 3.2).
 
   Frame k is the first frame at or after time start + (k + 0.5) * duration / num_frames
   (end: `end_seconds`, else the container's duration); a video that ends early repeats
-  its last frame. Frames are resized (shorter side image_size * 256 / 224) and
-  center-cropped to image_size x image_size RGB. Only the frames the picks need are
+  its last frame. Frames go through the ImageNet transform (`video_frames.FrameFitter`:
+  the center square of 224/256 of the shorter side, scaled to image_size x image_size
+  RGB) on a helper thread while decoding goes on. Only the frames the picks need are
   decoded (non-reference frames that are not picked are skipped), and only picked frames
   are converted; see `core.video_frames` for the rule and how it is kept exact.
+
+  `decoder_threads`: 0 lets FFmpeg choose (frame and slice threads: the least wall time
+  for one file on an idle machine); 1 decodes on one thread, which takes about 15 % less
+  CPU for the same frames and is what preparation workers use (one worker per core
+  already keeps every core busy; benchmarks/frame_benchmark.py); n > 1: n frame threads.
 
   Returns:
     `SampledFrames`.
 
   Raises:
     MediaError: no video track or no decodable frame.
-    ValueError: num_frames < 1.
+    ValueError: num_frames < 1 or decoder_threads < 0.
   """
   if num_frames < 1:
     raise ValueError(f"num_frames must be >= 1. Received: {num_frames}")
-  convert = video_frames.FrameFitter(image_size)
+  if decoder_threads < 0:
+    raise ValueError(f"decoder_threads must be >= 0. Received: {decoder_threads}")
   picked = None
-  with _open(path) as container:
-    stream, targets = _video_segment(path, container, num_frames, start_seconds, end_seconds)
-    try:
-      picked = video_frames.sample_frames(container, stream, targets, convert)
-    except (av.error.FFmpegError, ValueError):
-      picked = None  # e.g. a demuxing error: decode frame by frame below
-  if picked is None:
+  with video_frames.BackgroundConverter(video_frames.FrameFitter(image_size)) as convert:
     with _open(path) as container:
       stream, targets = _video_segment(path, container, num_frames, start_seconds,
-                                       end_seconds)
+                                       end_seconds, decoder_threads)
       try:
-        picked = video_frames.sample_frames_sequentially(container, stream, targets, convert)
-      except video_frames.NoFrames as e:
-        raise MediaError(path, str(e)) from e
-  frames, times = picked
+        picked = video_frames.sample_frames(container, stream, targets, convert)
+      except (av.error.FFmpegError, ValueError):
+        picked = None  # e.g. a demuxing error: decode frame by frame below
+    if picked is None:
+      with _open(path) as container:
+        stream, targets = _video_segment(path, container, num_frames, start_seconds,
+                                         end_seconds, decoder_threads)
+        try:
+          picked = video_frames.sample_frames_sequentially(container, stream, targets,
+                                                           convert)
+        except video_frames.NoFrames as e:
+          raise MediaError(path, str(e)) from e
+    converted, times = picked
+    try:
+      frames = convert.result(converted)
+    except (av.error.FFmpegError, ValueError) as e:
+      raise MediaError(path, f"video frames do not convert to RGB ({_short(e)})") from e
   return SampledFrames(np.stack(frames), np.asarray(times, np.float64),
                        np.asarray(targets, np.float64))
 
 
-def _video_segment(path, container, num_frames, start_seconds, end_seconds):
-  """The first video stream (threads on) and the targets; seeks to the segment's start."""
+def _video_segment(path, container, num_frames, start_seconds, end_seconds, decoder_threads):
+  """The first video stream (its decoder threads set) and the targets; seeks to the
+  segment's start."""
   streams = [s for s in container.streams.video if not _is_cover_art(s)]
   if not streams:
     raise MediaError(path, "no video track")
   stream = streams[0]
-  stream.thread_type = "AUTO"  # frame and slice threads: the fastest full decode here
+  if decoder_threads == 0:
+    stream.thread_type = "AUTO"  # frame and slice threads: the fastest full decode here
+  else:
+    stream.thread_type = "FRAME"
+    stream.codec_context.thread_count = decoder_threads
   start = float(start_seconds or 0.0)
   end = end_seconds if end_seconds is not None else _duration(container)
   if not end or end <= start:
@@ -402,9 +436,10 @@ def _video_segment(path, container, num_frames, start_seconds, end_seconds):
 
 
 def sample_video_frames(path, num_frames=64, image_size=224, start_seconds=None,
-                        end_seconds=None) -> np.ndarray:
+                        end_seconds=None, decoder_threads=0) -> np.ndarray:
   """`sample_video`'s frames: uint8 [num_frames, image_size, image_size, 3]."""
-  return sample_video(path, num_frames, image_size, start_seconds, end_seconds).frames
+  return sample_video(path, num_frames, image_size, start_seconds, end_seconds,
+                      decoder_threads).frames
 
 
 def media_kind(path) -> str:

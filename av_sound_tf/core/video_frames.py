@@ -28,6 +28,9 @@ with a full decode on every real clip).
 """
 
 import bisect
+from concurrent import futures
+import fractions
+import threading
 from typing import Callable, List, Optional, Tuple
 
 import av
@@ -58,35 +61,98 @@ def pick(times: List[float], targets: List[float]) -> List[int]:
 
 
 class FrameFitter:
-  """Resizes the shorter side to image_size * 256 / 224 and center-crops image_size^2:
-  the standard ImageNet evaluation transform (resize 256, crop 224), to RGB uint8.
+  """The standard ImageNet evaluation transform (resize the shorter side to 256, center
+  crop 224), scaled to image_size, to RGB uint8 [image_size, image_size, 3].
 
-  One FFmpeg scaler (swscale, bilinear) serves every frame of a clip (PyAV's
-  ``frame.to_ndarray(width=, height=)`` builds one per frame: a thread pool each time), and
-  it writes planar RGB (``gbrp``), which costs about half the CPU of packed ``rgb24`` at
-  these sizes and gives the same pixels (swscale computes both the same way and packs them
+  It crops first and scales second: the center square of side shorter side * 224 / 256
+  (rounded to even pixels, so that 4:2:0 chroma is cut on its own grid) is scaled to
+  image_size^2. This is the same picture as scaling the whole frame and cropping, within
+  a fraction of an output pixel, and it costs about half the CPU, since the scaler
+  reads and writes only what is kept (tests/media_test.py compares it with an
+  independent numpy + TensorFlow resize; benchmarks/frame_benchmark.py measures it).
+
+  One FFmpeg filter graph (``crop``, then ``scale``: swscale, bilinear, on the calling
+  thread) serves every frame of a size and format; the crop only moves plane pointers. It
+  writes planar RGB (``gbrp``), which costs about half the CPU of packed ``rgb24`` at these
+  sizes and gives the same pixels (swscale computes both the same way and packs them
   differently; tests/media_test.py compares them with ``to_ndarray(format="rgb24")``).
   """
 
   def __init__(self, image_size: int):
     self.image_size = image_size
-    self._reformatter = av.video.reformatter.VideoReformatter()
+    self._graph = self._key = None
+
+  def crop_box(self, width: int, height: int) -> Tuple[int, int, int]:
+    """(side, left, top) of the square cut from a width x height frame."""
+    side = min(width, height) * 224 / 256
+    side = min(max(2, 2 * int(round(side / 2))), min(width, height))
+    return side, (width - side) // 4 * 2, (height - side) // 4 * 2
+
+  def _build(self, frame):
+    side, left, top = self.crop_box(frame.width, frame.height)
+    graph = av.filter.Graph()
+    source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format,
+                              time_base=frame.time_base or fractions.Fraction(1, 1000))
+    crop = graph.add("crop", f"{side}:{side}:{left}:{top}")
+    scale = graph.add("scale", f"{self.image_size}:{self.image_size}:flags=bilinear:threads=1")
+    planar_rgb = graph.add("format", "gbrp")
+    sink = graph.add("buffersink")
+    source.link_to(crop)
+    crop.link_to(scale)
+    scale.link_to(planar_rgb)
+    planar_rgb.link_to(sink)
+    graph.configure()
+    self._graph = graph
 
   def __call__(self, frame) -> np.ndarray:
+    key = (frame.width, frame.height, frame.format.name)
+    if key != self._key:
+      self._build(frame)
+      self._key = key
+    self._graph.push(frame)
+    scaled = self._graph.pull()
     size = self.image_size
-    width, height = frame.width, frame.height
-    scale = size * 256 / 224 / min(width, height)
-    new_w = max(size, int(round(width * scale)))
-    new_h = max(size, int(round(height * scale)))
-    scaled = self._reformatter.reformat(frame, format="gbrp", width=new_w, height=new_h)
-    top = (new_h - size) // 2
-    left = (new_w - size) // 2
     rgb = np.empty([size, size, 3], np.uint8)
     for channel, plane in enumerate((scaled.planes[2], scaled.planes[0], scaled.planes[1])):
-      rows = np.ndarray([plane.height, plane.width], np.uint8, buffer=plane,
+      rows = np.ndarray([size, size], np.uint8, buffer=plane,
                         strides=[plane.line_size, 1])  # a view without the row padding
-      rgb[:, :, channel] = rows[top:top + size, left:left + size]  # only the crop is copied
+      rgb[:, :, channel] = rows
     return rgb
+
+
+class BackgroundConverter:
+  """Runs a frame conversion (`FrameFitter`) on one helper thread while the caller goes on
+  decoding: calling it returns a future. FFmpeg's decoder and scaler release the GIL, so
+  on a machine with a core to spare the conversion costs no wall time. At most `in_flight`
+  decoded frames wait for conversion (a 4K frame is 12 MB), so memory stays bounded when
+  the decoder runs ahead. Use it as a context manager; `result` resolves what it returned.
+  """
+
+  def __init__(self, convert: Callable, in_flight: int = 4):
+    self._convert = convert
+    self._slots = threading.BoundedSemaphore(in_flight)
+    self._pool = futures.ThreadPoolExecutor(1, "frame-convert")
+
+  def __call__(self, frame) -> futures.Future:
+    self._slots.acquire()
+    try:
+      future = self._pool.submit(self._convert, frame)
+    except BaseException:
+      self._slots.release()
+      raise
+    future.add_done_callback(lambda _: self._slots.release())
+    return future
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._pool.shutdown(wait=True)
+
+  @staticmethod
+  def result(converted: list) -> list:
+    """The converted frames, in order (a conversion's error is raised here)."""
+    return [item.result() for item in converted]
 
 
 def _avcc_length_size(stream) -> Optional[int]:
