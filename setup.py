@@ -30,6 +30,7 @@ setuptools.setup(
         "absl-py>=2.1",
         "av>=12",
         "soxr>=0.3",  # resampling: 3.3x faster than swresample (docs/benchmarks.md)
+        "soundfile>=0.12",  # WAV/FLAC/Ogg Vorbis/AIFF decoding (core/media.py)
         "matplotlib>=3.8",
     ],
     extras_require={

@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 from absl import logging
 import numpy as np
 
+from av_sound_tf.core import audio_samples
 from av_sound_tf.core import features
 from av_sound_tf.core import media
 from av_sound_tf.core import schema
@@ -190,7 +191,7 @@ class ClipProcessor:
                                  (f"; {decoded.truncation}" if decoded.truncation else ""))
         if decoded.truncation:
           warnings.append(decoded.truncation)
-        silence = media.digital_silence_fraction(waveform, cfg.log_mel.sample_rate)
+        silence = audio_samples.digital_silence_fraction(waveform, cfg.log_mel.sample_rate)
         if silence >= 0.5:
           warnings.append(f"audio is digital silence for {silence:.0%} of its length")
         log_mel = self.log_mel(waveform)

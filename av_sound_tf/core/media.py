@@ -1,12 +1,13 @@
-"""Decoding audio files and video containers with PyAV (FFmpeg).
+"""Decoding audio files and video containers with PyAV (FFmpeg) and libsndfile.
 
 Why PyAV and libsoxr: per 5 s ESC-10 OGG clip, tensorflow-io's ``AudioIOTensor`` decode
 plus ``tfio.audio.resample`` costs about 19x our decode, and PyAV with FFmpeg's swresample
 1.4x; libsoxr resamples a 10 s clip 3.3x faster than swresample (all measured side by
 side by benchmarks/decode_benchmark.py; docs/benchmarks.md). tensorflow-io's video ops also
 need FFmpeg 4.2/3.4/2.8 shared libraries that current systems lack, while PyAV ships its own
-FFmpeg. One decoder therefore serves audio files (wav, flac, ogg, mp3, m4a, ...) and video containers
-(mp4, webm, mkv, avi, ...).
+FFmpeg. It serves video containers and audio files, except local WAV, FLAC, AIFF and Ogg
+Vorbis files: libsndfile decodes those, about 1.4x faster on Vorbis, with the same samples
+(`audio_samples.open_soundfile`; any file it refuses goes to FFmpeg).
 
 Audio channels are averaged (librosa's ``to_mono`` convention: a tone at amplitude a in both
 channels stays at amplitude a; FFmpeg's own stereo-to-mono matrix adds the channels at -3 dB
@@ -27,6 +28,7 @@ import numpy as np
 import soxr
 import tensorflow as tf
 
+from av_sound_tf.core import audio_samples
 from av_sound_tf.core import constants
 from av_sound_tf.core import files
 from av_sound_tf.core import truncation as truncation_lib
@@ -109,41 +111,6 @@ def _is_cover_art(stream):
   return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
-# Integer sample formats -> float in [-1, 1].
-_INT_SCALE = {"u8": (128.0, 128.0), "s16": (0.0, 32768.0), "s32": (0.0, 2147483648.0),
-              "s64": (0.0, 9223372036854775808.0)}
-_SAMPLE_DTYPES = {"u8": np.uint8, "s16": np.int16, "s32": np.int32, "s64": np.int64,
-                  "flt": np.float32, "dbl": np.float64}
-
-
-def _frame_to_mono(frame):
-  """An audio frame of any sample format and layout -> mono float32 (channel mean).
-
-  The planes are read in place (no ``to_ndarray`` copy) and the channels are summed in
-  order and divided by their count: NumPy's ``mean`` over the channel axis, to the last
-  bit for up to 7 channels (tests/media_test.py compares the two on several sample
-  formats and layouts).
-  """
-  fmt = frame.format.name.rstrip("p")
-  dtype = _SAMPLE_DTYPES[fmt]
-  n, channels = frame.samples, len(frame.layout.channels)
-  if frame.format.is_planar:
-    planes = [np.frombuffer(p, dtype, count=n) for p in frame.planes[:channels]]
-  else:  # interleaved: one plane [samples * channels]
-    data = np.frombuffer(frame.planes[0], dtype, count=n * channels)
-    planes = [data[c::channels] for c in range(channels)]
-  if fmt in _INT_SCALE:
-    offset, scale = _INT_SCALE[fmt]
-    planes = [(p.astype(np.float32) - offset) / scale for p in planes]
-  # A copy (the frame's buffer is reused by FFmpeg), summed in the samples' precision.
-  mono = planes[0].astype(np.float64 if fmt == "dbl" else np.float32)
-  for plane in planes[1:]:
-    mono += plane
-  if channels > 1:
-    mono /= channels
-  return mono.astype(np.float32, copy=False)
-
-
 @dataclasses.dataclass
 class DecodedAudio:
   """A decoded audio track, and whether it ended short of what its container declares.
@@ -213,7 +180,8 @@ def iter_audio(path, block_seconds=1.0, start_seconds=None, end_seconds=None,
   """The first audio track as consecutive mono float32 blocks at `sample_rate` (an
   `AudioStream`: iterate it; memory does not grow with the file).
 
-  Frames are decoded by FFmpeg, averaged over channels, cut to the segment at the native
+  Frames are decoded by FFmpeg (or libsndfile for local WAV, FLAC, AIFF and Ogg Vorbis
+  files: sample-exact seeks), averaged over channels, cut to the segment at the native
   rate, and resampled with libsoxr (``soxr``, "HQ" quality) in one continuous stream
   (`soxr.ResampleStream`: its filter state carries across blocks, so the blocks
   concatenate to the waveform of a whole-file resampling), in blocks of about
@@ -253,8 +221,46 @@ class AudioStream:
     self._done = False
 
   def __iter__(self):
-    path, start_seconds, end_seconds = self.path, self.start_seconds, self.end_seconds
     self.samples, self._done = 0, False
+    handle = audio_samples.open_soundfile(self.path)
+    if handle is not None:
+      with handle:
+        yield from self._iter_soundfile(handle)
+    else:
+      yield from self._iter_ffmpeg()
+
+  def _iter_soundfile(self, handle):
+    """libsndfile's path (`audio_samples.open_soundfile`): sample-exact seeks."""
+    path, start_seconds, end_seconds = self.path, self.start_seconds, self.end_seconds
+    rate = handle.samplerate
+    self.declared_end_seconds = handle.frames / rate
+    self._formats = [audio_samples.SOUNDFILE_FORMATS[handle.format]]
+    resampler = None
+    if rate != self.sample_rate:
+      resampler = soxr.ResampleStream(rate, self.sample_rate, 1, dtype="float32")
+    begin = 0 if start_seconds is None else max(0, int(round(start_seconds * rate)))
+    stop = None if end_seconds is None else int(round(end_seconds * rate))
+    block = max(1, int(round(self.block_seconds * rate)))
+    position = begin = min(begin, handle.frames)
+    try:
+      for mono in audio_samples.soundfile_blocks(handle, begin, stop, block):
+        position += mono.shape[0]
+        yield self._block([mono], resampler, last=False)
+    except RuntimeError as e:  # soundfile.LibsndfileError: keep what decoded before it
+      if position == begin:
+        raise MediaError(path, f"audio track does not decode ({_short(e)})") from e
+    last = self._block([], resampler, last=True)
+    if self.samples == 0:
+      raise MediaError(path, f"no audio samples between {start_seconds} s and {end_seconds} s")
+    self._first_time = 0.0
+    self.decoded_end_seconds = position / rate
+    self._to_the_end = stop is None or position < stop
+    self._done = True
+    if last.size:
+      yield last
+
+  def _iter_ffmpeg(self):
+    path, start_seconds, end_seconds = self.path, self.start_seconds, self.end_seconds
     with _open(path) as container:
       if not container.streams.audio:
         raise MediaError(path, "no audio track")
@@ -283,7 +289,7 @@ class AudioStream:
             block = max(1, int(round(self.block_seconds * rate)))
             if rate != self.sample_rate:
               resampler = soxr.ResampleStream(rate, self.sample_rate, 1, dtype="float32")
-          mono = _frame_to_mono(frame)
+          mono = audio_samples.frame_to_mono(frame)
           lo, hi = max(begin - position, 0), mono.shape[0]
           if stop is not None:
             hi = min(hi, stop - position)
@@ -362,23 +368,15 @@ def sample_video(path, num_frames=64, image_size=224, start_seconds=None,
 
   Frame k is the first frame at or after time start + (k + 0.5) * duration / num_frames
   (end: `end_seconds`, else the container's duration); a video that ends early repeats
-  its last frame. Frames go through the ImageNet transform (`video_frames.FrameFitter`:
-  the center square of 224/256 of the shorter side, scaled to image_size x image_size
-  RGB) on a helper thread while decoding goes on. Only the frames the picks need are
-  decoded (non-reference frames that are not picked are skipped), and only picked frames
-  are converted; see `core.video_frames` for the rule and how it is kept exact.
+  its last frame. Only the frames the picks need are decoded, and only picked frames go
+  through the ImageNet transform (`video_frames.FrameFitter`), on a helper thread; see
+  `core.video_frames` for the rule and how it is kept exact. `decoder_threads`: 0 lets
+  FFmpeg choose (the least wall time for one file on an idle machine); 1 decodes on one
+  thread, about 15 % less CPU for the same frames: preparation workers, one per core, use
+  it (benchmarks/frame_benchmark.py); n > 1: n frame threads.
 
-  `decoder_threads`: 0 lets FFmpeg choose (frame and slice threads: the least wall time
-  for one file on an idle machine); 1 decodes on one thread, which takes about 15 % less
-  CPU for the same frames and is what preparation workers use (one worker per core
-  already keeps every core busy; benchmarks/frame_benchmark.py); n > 1: n frame threads.
-
-  Returns:
-    `SampledFrames`.
-
-  Raises:
-    MediaError: no video track or no decodable frame.
-    ValueError: num_frames < 1 or decoder_threads < 0.
+  Returns `SampledFrames`. Raises MediaError (no video track, no decodable frame) or
+  ValueError (num_frames < 1, decoder_threads < 0).
   """
   if num_frames < 1:
     raise ValueError(f"num_frames must be >= 1. Received: {num_frames}")
@@ -450,15 +448,3 @@ def media_kind(path) -> str:
   if ext in VIDEO_EXTENSIONS:
     return "video"
   return ""
-
-
-def digital_silence_fraction(waveform: np.ndarray,
-                             sample_rate=constants.SAMPLE_RATE) -> float:
-  """Fraction of 100 ms blocks that are exactly zero (a sign of a broken or missing track)."""
-  block = sample_rate // 10
-  n = waveform.shape[0] // block
-  if n == 0:
-    return float(np.all(waveform == 0))
-  blocks = waveform[:n * block].reshape(n, block)
-  return float(np.mean(np.all(blocks == 0, axis=1)))
-
