@@ -103,9 +103,7 @@ class ClipProcessor:
     self.config = config
     self.video_decoder_threads = video_decoder_threads
     self._embedder = None
-    # Not XLA: one TensorFlow thread per worker, where XLA gains nothing per clip and
-    # would compile once per distinct clip length (features.compiled_log_mel_fn).
-    self._log_mel_fn = features.compiled_log_mel_fn(config.log_mel, jit_compile=False)
+    self._log_mel_fn = features.compiled_log_mel_fn(config.log_mel)
     self._audio_thread = None  # started on the first clip with both modalities
 
   @property

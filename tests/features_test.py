@@ -161,5 +161,3 @@ def test_log_mel_equals_the_tf_signal_stft_formula():
                      P.log_offset).numpy()
   np.testing.assert_array_equal(features.log_mel_spectrogram(y).numpy(), want)
   np.testing.assert_allclose(features.compiled_log_mel_fn(P)(y).numpy(), want, atol=1e-5)
-  np.testing.assert_allclose(features.compiled_log_mel_fn(P, jit_compile=False)(y).numpy(),
-                             want, atol=1e-5)

@@ -172,19 +172,15 @@ def log_mel_spectrogram(waveform, params: LogMelParams = DEFAULT_PARAMS):
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_log_mel_fn(params: LogMelParams = DEFAULT_PARAMS, jit_compile: bool = True):
-  """A traced (and by default XLA-compiled) `log_mel_spectrogram` for batches
-  [batch, samples]. It is the same computation, not a copy.
+def compiled_log_mel_fn(params: LogMelParams = DEFAULT_PARAMS):
+  """A traced and XLA-compiled `log_mel_spectrogram` for batches [batch, samples].
 
-  With XLA it is about 1.6x faster per call than without when TensorFlow has more than one
-  thread, but XLA compiles once per distinct input shape (about 0.4 s for the first and
-  0.06 s for each further shape here). `data_prep.featurize` turns it off: a worker runs
-  TensorFlow on one thread, where both take the same 3 ms per 10 s clip, and clips of many
-  lengths would each pay a compile (docs/benchmarks.md).
+  Data preparation calls this on batches of waveforms; it is about 1.5x faster than the
+  eager function on CPU (docs/benchmarks.md). It is the same computation, not a copy.
   """
 
-  @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)],
-               jit_compile=jit_compile, reduce_retracing=True)
+  @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)], jit_compile=True,
+               reduce_retracing=True)
   def fn(waveforms):
     return log_mel_spectrogram(waveforms, params)
 
