@@ -169,6 +169,13 @@ def run(main):
   app.run(wrapped, flags_parser=_parse_flags)
 
 
+def define_progress_flag(flags, lines="i of N, rate, ETA"):
+  """--progress_every, defined the same way by every binary with a long stage
+  (core/progress.py writes the lines); `lines` says what a line shows."""
+  flags.DEFINE_float("progress_every", 5.0, f"Seconds between progress lines ({lines}) on "
+                     "stderr; 0: a line per item.", lower_bound=0.0)
+
+
 def define_train_flags(flags, kind, batch_size, epochs, architecture="mil_convnet"):
   """Flags shared by bin/train_audio, bin/train_visual and bin/distill (defaults differ).
 
