@@ -96,7 +96,8 @@ class ClipProcessor:
   """Decodes one clip and builds its serialized Example. One instance per worker.
 
   `video_decoder_threads` (see `media.sample_video`): 1 by default, the least CPU per
-  clip, because bin/prepare_data and the Beam runner run one worker per core.
+  clip, for workers that fill every core (the Beam runner's); bin/prepare_data chooses with
+  `prepare.video_decoder_threads`.
   """
 
   def __init__(self, config: PrepareConfig, video_decoder_threads: int = 1):

@@ -9,6 +9,7 @@ accounting are `shards.start_run` and `shards.finalize`, the same steps the Beam
 """
 
 import multiprocessing
+import os
 import time
 
 from absl import logging
@@ -22,12 +23,20 @@ from data_prep import shards
 _WORKER = None
 
 
-def _init_worker(config):
+def video_decoder_threads(num_workers: int, cpus: int) -> int:
+  """The video decoder threads of each worker (`media.sample_video`): 1 when the workers
+  already occupy every core (the least CPU per clip), else 0, FFmpeg's automatic threads,
+  so that fewer workers than cores (or preparation in this process, num_workers=0) still
+  use the idle cores (docs/benchmarks.md: about 15 % more CPU, less wall time)."""
+  return 1 if num_workers >= max(1, cpus) else 0
+
+
+def _init_worker(config, decoder_threads):
   global _WORKER
   # One thread per worker process: the parallelism comes from the processes.
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
-  _WORKER = featurize.ClipProcessor(config)
+  _WORKER = featurize.ClipProcessor(config, decoder_threads)
 
 
 def _work(job):
@@ -65,12 +74,13 @@ def prepare(inputs: inputs_lib.Inputs, config: featurize.PrepareConfig, num_work
                total, len(pending), skipped, num_workers)
 
   pool = None
+  decoder_threads = video_decoder_threads(num_workers, os.cpu_count() or 1)
   if num_workers > 0 and pending:
     ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(config,))
+    pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(config, decoder_threads))
     results = pool.imap(_work, [job for job, _ in pending], chunksize=2)
   else:
-    processor = featurize.ClipProcessor(config)
+    processor = featurize.ClipProcessor(config, decoder_threads)
     results = (processor(job) for job, _ in pending)
 
   writer = None

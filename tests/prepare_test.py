@@ -581,3 +581,30 @@ def test_audio_and_frames_decoded_together(tmp_path):
                                                           ["/m/x"]))
   assert result.status == "written" and result.warnings == "audio missing: no audio track"
   assert result.duration_seconds == pytest.approx(1.0, abs=0.07)
+
+
+def test_video_decoder_threads_follow_the_idle_cores(tmp_path, monkeypatch):
+  """Workers that fill every core decode video on one thread (least CPU); fewer workers,
+  or preparation in this process, let FFmpeg thread the decoder over the idle cores."""
+  from av_sound_tf.core import media  # pylint: disable=g-import-not-at-top
+  assert prepare.video_decoder_threads(2, 2) == 1
+  assert prepare.video_decoder_threads(8, 4) == 1
+  assert prepare.video_decoder_threads(1, 2) == 0
+  assert prepare.video_decoder_threads(0, 1) == 0
+  seen = []
+  sample = media.sample_video_frames
+
+  def recording(*args):
+    seen.append(args[-1])
+    return sample(*args)
+
+  monkeypatch.setattr(media, "sample_video_frames", recording)
+  file_list = write_list(tmp_path / "v.csv", [(shared_path("video", "moviepy_chaplin.mp4"),
+                                               "Speech")])
+  found = inputs.from_file_list(file_list,
+                                label_map=labels.LabelMap(["/m/09x0r"], ["Speech"]))
+  config = featurize.PrepareConfig(output_dir=str(tmp_path / "out"),
+                                   modalities=("audio", "visual"), embedder="tiny",
+                                   image_size=32, num_video_frames=8)
+  assert prepare.prepare(found, config, num_workers=0).written == 1
+  assert seen == [0]
