@@ -66,9 +66,9 @@ class FrameFitter:
 
   It crops first and scales second: the center square of side shorter side * 224 / 256
   (rounded to even pixels, so that 4:2:0 chroma is cut on its own grid) is scaled to
-  image_size^2. This is the same picture as scaling the whole frame and cropping, within
-  a fraction of an output pixel, and it costs about half the CPU, since the scaler
-  reads and writes only what is kept (tests/media_test.py compares it with an
+  image_size^2. This is the picture of scaling the whole frame and cropping, moved by at
+  most one source pixel (the even rounding), and it costs about half the CPU, since the
+  scaler reads and writes only what is kept (tests/media_test.py compares it with an
   independent numpy + TensorFlow resize; benchmarks/frame_benchmark.py measures it).
 
   One FFmpeg filter graph (``crop``, then ``scale``: swscale, bilinear, on the calling
