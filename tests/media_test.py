@@ -458,6 +458,26 @@ def test_frames_match_an_independent_resize():
   assert len(sizes) >= 10
 
 
+@pytest.mark.parametrize("fmt", ["rgb24", "yuv420p", "yuvj420p", "yuv444p", "gray",
+                                 "yuv420p10le", "nv12", "rgb8"])
+def test_frames_of_any_format_and_shape_fit(fmt):
+  """The crop-and-scale graph takes any pixel format FFmpeg decodes to and odd, tiny or very
+  wide frames: the right size, the right colour (a flat orange frame stays orange)."""
+  import av  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import video_frames  # pylint: disable=g-import-not-at-top
+  orange = np.zeros([75, 101, 3], np.uint8) + np.array([200, 50, 10], np.uint8)
+  source = av.VideoFrame.from_ndarray(orange, format="rgb24")
+  fit = video_frames.FrameFitter(32)
+  for width, height in [(101, 75), (64, 64), (3, 2), (2000, 30), (30, 2000)]:
+    frame = source.reformat(format=fmt, width=width, height=height)
+    rgb = fit(frame)
+    assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8, (fmt, width, height)
+    want = [90, 90, 90] if fmt == "gray" else [200, 50, 10]
+    tolerance = 25 if fmt == "rgb8" else 3  # rgb8: a 256-colour palette
+    np.testing.assert_allclose(rgb.reshape(-1, 3).mean(axis=0), want, atol=tolerance,
+                               err_msg=f"{fmt} {width}x{height}")
+
+
 def _write_vfr_mp4(path, gaps_90khz):
   """H.264 (B-frames, B-pyramid) at a variable frame rate; frame i is grey level 11*i%256."""
   import fractions  # pylint: disable=g-import-not-at-top
