@@ -159,10 +159,7 @@ def read_audio(path, start_seconds=None, end_seconds=None,
 
   A track that decodes to less than its container declares is returned as far as it
   decodes, with `DecodedAudio.truncation` saying so (one container open; a WAV or Ogg
-  file decoded to its end also has its header or last page read).
-
-  Returns:
-    `DecodedAudio`.
+  file decoded to its end also has its header or last page read). Returns `DecodedAudio`.
 
   Raises:
     MediaError: no audio track, undecodable audio, no samples in the segment, or NaN or
@@ -235,12 +232,9 @@ class AudioStream:
     rate = handle.samplerate
     self.declared_end_seconds = handle.frames / rate
     self._formats = [audio_samples.SOUNDFILE_FORMATS[handle.format]]
-    resampler = None
-    if rate != self.sample_rate:
-      resampler = soxr.ResampleStream(rate, self.sample_rate, 1, dtype="float32")
+    resampler, block = self._resampler_and_block(rate)
     begin = 0 if start_seconds is None else max(0, int(round(start_seconds * rate)))
     stop = None if end_seconds is None else int(round(end_seconds * rate))
-    block = max(1, int(round(self.block_seconds * rate)))
     position = begin = min(begin, handle.frames)
     try:
       for mono in audio_samples.soundfile_blocks(handle, begin, stop, block):
@@ -249,13 +243,7 @@ class AudioStream:
     except RuntimeError as e:  # soundfile.LibsndfileError: keep what decoded before it
       if position == begin:
         raise MediaError(path, f"audio track does not decode ({_short(e)})") from e
-    last = self._block([], resampler, last=True)
-    if self.samples == 0:
-      raise MediaError(path, f"no audio samples between {start_seconds} s and {end_seconds} s")
-    self._first_time = 0.0
-    self.decoded_end_seconds = position / rate
-    self._to_the_end = stop is None or position < stop
-    self._done = True
+    last = self._finish([], resampler, 0.0, position, rate, stop)
     if last.size:
       yield last
 
@@ -286,9 +274,7 @@ class AudioStream:
                 0, int(round((start_seconds - first_time) * rate)))
             stop = None if end_seconds is None else int(
                 round((end_seconds - first_time) * rate))
-            block = max(1, int(round(self.block_seconds * rate)))
-            if rate != self.sample_rate:
-              resampler = soxr.ResampleStream(rate, self.sample_rate, 1, dtype="float32")
+            resampler, block = self._resampler_and_block(rate)
           mono = audio_samples.frame_to_mono(frame)
           lo, hi = max(begin - position, 0), mono.shape[0]
           if stop is not None:
@@ -308,15 +294,28 @@ class AudioStream:
         # Keep what decoded before a corrupt tail; the caller sees the shorter length.
       if rate is None:
         raise MediaError(path, "audio track holds no samples")
-      last = self._block(pending, resampler, last=True)
+    last = self._finish(pending, resampler, first_time, position, rate, stop)
+    if last.size:
+      yield last
+
+  def _resampler_and_block(self, rate):
+    """The resampler from `rate` (None: no resampling) and the native samples per block."""
+    resampler = None
+    if rate != self.sample_rate:
+      resampler = soxr.ResampleStream(rate, self.sample_rate, 1, dtype="float32")
+    return resampler, max(1, int(round(self.block_seconds * rate)))
+
+  def _finish(self, pending, resampler, first_time, position, rate, stop):
+    """The last block; decoding stopped `position` native samples after `first_time`."""
+    last = self._block(pending, resampler, last=True)
     if self.samples == 0:
-      raise MediaError(path, f"no audio samples between {start_seconds} s and {end_seconds} s")
+      raise MediaError(self.path, f"no audio samples between {self.start_seconds} s and "
+                       f"{self.end_seconds} s")
     self._first_time = first_time
     self.decoded_end_seconds = first_time + position / rate
     self._to_the_end = stop is None or position < stop  # decoding ran out before the segment
     self._done = True
-    if last.size:
-      yield last
+    return last
 
   def _block(self, pending, resampler, last):
     x = np.concatenate(pending) if pending else np.zeros([0], np.float32)
