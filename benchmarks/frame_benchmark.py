@@ -3,8 +3,8 @@
 
 Measured side by side in one run, on every clip of ../shared/data/real_av/clips (30 real
 H.264/AAC clips, 6-15 s, 224-720 px high), clip by clip: each clip is decoded by (a) and
-prepared by (b) back to back, the order alternating from clip to clip and from repeat to
-repeat, so that both sides see the same load on a shared machine:
+prepared by (b) back to back, the order rotating from clip to clip and from repeat to
+repeat, so that every side sees the same load on a shared machine:
 
   (a) baseline, a plain full decode: per clip ``av.open``, then
       ``container.decode(video=0, audio=0)`` run to the end: every packet of the first
@@ -15,17 +15,19 @@ repeat, so that both sides see the same load on a shared machine:
       defaults. ``--baseline_threads=default`` keeps PyAV's video default (slice threads).
   (b) preparation, the way bin/prepare_data's worker does it (data_prep/prepare.py
       ``_init_worker``): TensorFlow intra- and inter-op threads 1, one
-      ``featurize.ClipProcessor`` with audio + visual, the video decoded on one thread
-      (``--decoder_threads=1``, the workers' setting: bin/prepare_data runs one worker per
-      core; ``0`` gives FFmpeg's automatic threads), 64 frames of 224 px, the embedder
-      ``--embedder`` (``tiny``: the cheapest, 33 ms per 64 frames here; ``color_layout``
-      costs about 0.6 s), one worker (this process; featurize decodes a clip's audio in a
-      second thread while its frames decode); then the processor on each clip, up to its
+      ``featurize.ClipProcessor`` with audio + visual, 64 frames of 224 px, the embedder
+      ``--embedder`` (``tiny``: the cheapest, a small random ConvNet, about 20-30 ms per
+      64 frames here), one worker (this process), for each ``--threads`` setting of the
+      processor: ``1``, each clip on one thread (decoding, conversion and audio: the
+      setting of workers that fill every core, the least CPU per clip), and ``0``, helper
+      threads (the audio and the frame conversion in their own threads, FFmpeg's
+      automatic decoder threads: bin/prepare_data's setting when it has fewer workers than
+      cores, e.g. ``--num_workers=1`` here); then the processor on each clip, up to its
       serialized Example. Its total is the worker's start-up (building the processor: the
       compiled log-mel function, the embedder) plus every clip. The interpreter and the
       imports (TensorFlow, PyAV) are not counted on either side; ``--fresh_process`` also
       times both sides as fresh processes (interpreter, imports and all), each side on all
-      clips in one process.
+      clips in one process (preparation with the first ``--threads`` setting).
 
 Prints both totals per repeat in wall seconds and in CPU seconds (the process's user +
 system time, all threads: steadier than wall time on a shared machine), the ratios
@@ -63,8 +65,9 @@ flags.DEFINE_integer("num_frames", 64, "Frames per clip.")
 flags.DEFINE_integer("image_size", 224, "Frame size.")
 flags.DEFINE_enum("baseline_threads", "auto", ["auto", "default"],
                   "Baseline video decoder threads: thread_type AUTO, or PyAV's default.")
-flags.DEFINE_integer("decoder_threads", 1, "Preparation's video decoder threads "
-                     "(media.sample_video): 1, the workers' setting; 0: FFmpeg's automatic.")
+flags.DEFINE_list("threads", ["1", "0"], "featurize.ClipProcessor threads settings to "
+                  "measure: 1, each clip on one thread (workers that fill every core); 0, "
+                  "helper threads (fewer workers than cores).")
 flags.DEFINE_bool("profile", False, "Profile one more preparation pass.")
 flags.DEFINE_bool("fresh_process", False, "Also time both sides as fresh processes.")
 flags.DEFINE_enum("mode", "both", ["both", "baseline", "prep"],
@@ -113,37 +116,31 @@ def _jobs(paths):
 _THREADS_SET = False
 
 
-class _Inline:
-  """Stands in for featurize's audio thread so that cProfile (main thread only) sees it."""
-
-  def submit(self, fn, *args):
-    return type("Done", (), {"result": staticmethod(featurize_later(fn, *args))})
-
-
-def featurize_later(fn, *args):
-  from data_prep import featurize  # pylint: disable=g-import-not-at-top
-  return featurize._later(fn, *args)  # pylint: disable=protected-access
-
-
-def preparation(paths, inline_audio=False):
-  """bin/prepare_data's worker: start-up, then each clip (inline_audio: the audio decodes
-  in the main thread, for the profile).
-
-  Returns (wall seconds, CPU seconds, start-up wall seconds, wall seconds per clip).
-  """
+def _set_tf_threads():
+  """One TensorFlow thread, as prepare._init_worker (only possible before TF starts)."""
   global _THREADS_SET
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from data_prep import featurize  # pylint: disable=g-import-not-at-top
-  if not _THREADS_SET:  # as prepare._init_worker (only possible before TF starts)
+  if not _THREADS_SET:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     _THREADS_SET = True
+
+
+def _settings():
+  return [int(t) for t in FLAGS.threads]
+
+
+def preparation(paths, threads):
+  """bin/prepare_data's worker with ClipProcessor `threads`: start-up, then each clip.
+
+  Returns (wall seconds, CPU seconds, start-up wall seconds, wall seconds per clip).
+  """
+  from data_prep import featurize  # pylint: disable=g-import-not-at-top
+  _set_tf_threads()
   jobs = _jobs(paths)
   c0, t0 = cpu_seconds(), time.perf_counter()
-  processor = featurize.ClipProcessor(_config(), FLAGS.decoder_threads)
+  processor = featurize.ClipProcessor(_config(), threads)
   _ = processor.embedder  # built on the first visual clip anyway
-  if inline_audio:
-    processor._audio_thread = _Inline()  # pylint: disable=protected-access
   startup = time.perf_counter() - t0
   times = []
   for job in jobs:
@@ -155,43 +152,42 @@ def preparation(paths, inline_audio=False):
   return time.perf_counter() - t0, cpu_seconds() - c0, startup, times
 
 
-def interleaved(paths, repeat):
-  """Both sides clip by clip, alternating which goes first, so that both see the same load.
+def interleaved(paths, repeat, settings):
+  """Every side clip by clip, the order rotating, so that all see the same load.
 
-  Preparation's worker start-up (processor and embedder) is timed first and counted in
-  its total. Returns [(wall a, CPU a, wall b, CPU b) per clip] and (start-up wall, CPU).
+  Each preparation setting's worker start-up (processor and embedder) is timed first and
+  counted in its total. Returns {side: [(wall, CPU) per clip]} and {setting: (start-up
+  wall, CPU)}; side "decode" is the baseline, an int a ClipProcessor threads setting.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from data_prep import featurize  # pylint: disable=g-import-not-at-top
-  global _THREADS_SET
-  if not _THREADS_SET:  # as prepare._init_worker (only possible before TF starts)
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    _THREADS_SET = True
-  c0, t0 = cpu_seconds(), time.perf_counter()
-  processor = featurize.ClipProcessor(_config(), FLAGS.decoder_threads)
-  _ = processor.embedder  # built on the first visual clip anyway
-  startup = (time.perf_counter() - t0, cpu_seconds() - c0)
+  _set_tf_threads()
 
   def timed(fn):
     c, t = cpu_seconds(), time.perf_counter()
     fn()
     return time.perf_counter() - t, cpu_seconds() - c
 
-  def prepare(job):
+  processors, startup = {}, {}
+  for threads in settings:
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    processors[threads] = featurize.ClipProcessor(_config(), threads)
+    _ = processors[threads].embedder  # built on the first visual clip anyway
+    startup[threads] = (time.perf_counter() - t0, cpu_seconds() - c0)
+
+  def prepare(processor, job):
     result = processor(job)
     if result.status != "written":
       raise RuntimeError(f"{job.path}: {result.reason}")
 
-  rows = []
+  sides = ["decode"] + list(settings)
+  rows = {side: [] for side in sides}
   for i, (path, job) in enumerate(zip(paths, _jobs(paths))):
-    decode = lambda: full_decode(path, FLAGS.baseline_threads)  # pylint: disable=cell-var-from-loop
-    prep = lambda: prepare(job)  # pylint: disable=cell-var-from-loop
-    if (i + repeat) % 2 == 0:
-      a, b = timed(decode), timed(prep)
-    else:
-      b, a = timed(prep), timed(decode)
-    rows.append((a[0], a[1], b[0], b[1]))
+    shift = (i + repeat) % len(sides)
+    for side in sides[shift:] + sides[:shift]:
+      if side == "decode":
+        rows[side].append(timed(lambda: full_decode(path, FLAGS.baseline_threads)))  # pylint: disable=cell-var-from-loop
+      else:
+        rows[side].append(timed(lambda: prepare(processors[side], job)))  # pylint: disable=cell-var-from-loop
   return rows, startup
 
 
@@ -204,7 +200,7 @@ def _fresh(mode, paths):
                   f"--clips_dir={FLAGS.clips_dir}", f"--embedder={FLAGS.embedder}",
                   f"--num_frames={FLAGS.num_frames}", f"--image_size={FLAGS.image_size}",
                   f"--baseline_threads={FLAGS.baseline_threads}",
-                  f"--decoder_threads={FLAGS.decoder_threads}"],
+                  f"--threads={FLAGS.threads[0]}"],
                  check=True, stdout=subprocess.DEVNULL)
   wall = time.perf_counter() - t
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -228,37 +224,17 @@ _STEPS = [
 ]
 
 
-def _inline_converter():
-  """video_frames.BackgroundConverter converting in the calling thread (for cProfile)."""
-  from concurrent import futures  # pylint: disable=g-import-not-at-top
-  from av_sound_tf.core import video_frames  # pylint: disable=g-import-not-at-top
-
-  class Inline(video_frames.BackgroundConverter):
-
-    def __call__(self, frame):
-      future = futures.Future()
-      future.set_result(self._convert(frame))
-      return future
-
-  return Inline
-
-
 def profile(paths):
-  from av_sound_tf.core import video_frames  # pylint: disable=g-import-not-at-top
-  background = video_frames.BackgroundConverter
-  video_frames.BackgroundConverter = _inline_converter()
   profiler = cProfile.Profile(time.process_time)
-  try:
-    profiler.enable()
-    _, total, _, _ = preparation(paths, inline_audio=True)
-    profiler.disable()
-  finally:
-    video_frames.BackgroundConverter = background
+  profiler.enable()
+  _, total, _, _ = preparation(paths, threads=1)  # every step on this thread: cProfile sees it
+  profiler.disable()
   stats = pstats.Stats(profiler).stats
+  from av_sound_tf.core import video_frames  # pylint: disable=g-import-not-at-top
   fitter_line = video_frames.FrameFitter.__call__.__code__.co_firstlineno
-  print(f"\nProfile of one more preparation pass, audio decoded and frames converted in the "
-        f"main thread (cProfile sees one thread), in CPU seconds of the process (all "
-        f"threads): {total:.2f} s (cProfile adds overhead)")
+  print(f"\nProfile of one more preparation pass with threads=1 (every step on the main "
+        f"thread, which cProfile sees), in CPU seconds of the process: {total:.2f} s "
+        f"(cProfile adds overhead)")
   print(f"{'step':54s} {'calls':>6s} {'cum s':>7s} {'share':>6s}")
   for label, suffix, name in _STEPS:
     if name == "FrameFitter.__call__":
@@ -269,11 +245,17 @@ def profile(paths):
     calls = sum(r[1] for r in rows)
     cum = sum(r[3] for r in rows)
     print(f"{label:54s} {calls:6d} {cum:7.2f} {cum / total:6.1%}")
-  decode = [v for k, v in stats.items() if "decode" in k[2] and k[0] == "~"]
-  print(f"{'  (PyAV decode calls, all streams)':54s} {sum(r[1] for r in decode):6d} "
-        f"{sum(r[3] for r in decode):7.2f} {sum(r[3] for r in decode) / total:6.1%}")
+  for label, needle in (("  (PyAV decode calls, all streams)", "'decode' of 'av."),
+                        ("  (container opens, av.open)", "av.container.core.open")):
+    rows = [v for k, v in stats.items() if k[0] == "~" and needle in k[2]]
+    print(f"{label:54s} {sum(r[1] for r in rows):6d} {sum(r[3] for r in rows):7.2f} "
+          f"{sum(r[3] for r in rows) / total:6.1%}")
   print("\nTop 15 by own time:")
   pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
+def _side_name(side):
+  return "(a) full decode" if side == "decode" else f"(b) prep, threads={side}"
 
 
 def main(argv):
@@ -281,56 +263,68 @@ def main(argv):
   paths = sorted(glob.glob(os.path.join(FLAGS.clips_dir, "*.mp4")))
   if not paths:
     raise SystemExit(f"no *.mp4 clips in {FLAGS.clips_dir}")
+  settings = _settings()
   if FLAGS.mode == "baseline":
     baseline(paths)
     return
   if FLAGS.mode == "prep":
-    preparation(paths)
+    preparation(paths, settings[0])
     return
-  for path in paths:  # both sides read from the page cache
+  for path in paths:  # every side reads from the page cache
     with open(path, "rb") as f:
       f.read()
   print(f"{len(paths)} clips in {FLAGS.clips_dir}; embedder {FLAGS.embedder}, "
         f"{FLAGS.num_frames} frames of {FLAGS.image_size} px; baseline video threads: "
-        f"{FLAGS.baseline_threads}; preparation's decoder threads: {FLAGS.decoder_threads}; PyAV {av.__version__}, FFmpeg {av.ffmpeg_version_info}; "
-        f"{os.cpu_count()} CPUs")
-  best_a = [float("inf")] * len(paths)
-  best_b = list(best_a)
-  walls, cpus = [], []
-  print(f"\n{'':6s} {'wall seconds':^34s} {'':9s} {'CPU seconds (all threads)':^27s}")
-  print(f"{'repeat':>6s} {'(a) full decode':>15s} {'(b) prep':>9s} {'start-up':>8s} "
-        f"{'ratio b/a':>9s} {'(a)':>8s} {'(b)':>8s} {'ratio b/a':>9s}")
+        f"{FLAGS.baseline_threads}; preparation's ClipProcessor threads: "
+        f"{', '.join(map(str, settings))}; PyAV {av.__version__}, FFmpeg "
+        f"{av.ffmpeg_version_info}; {os.cpu_count()} CPUs")
+  # TensorFlow's and XLA's one-time process set-up (the runtime, oneDNN's kernels) is
+  # paid here, untimed, like the imports; every repeat below builds new processors, whose
+  # start-up (tracing, the log-mel compiles) is timed.
+  interleaved(paths[:1], 0, settings)
+  sides = ["decode"] + settings
+  best = {side: [float("inf")] * len(paths) for side in sides}
+  ratios = {threads: ([], []) for threads in settings}
+  print(f"\n{'repeat':>6s} {'side':26s} {'wall s':>8s} {'start-up':>8s} {'CPU s':>8s} "
+        f"{'wall b/a':>8s} {'CPU b/a':>8s}")
   for r in range(FLAGS.repeats):
-    rows, (startup, startup_cpu) = interleaved(paths, r)
-    a = sum(row[0] for row in rows)
-    b = startup + sum(row[2] for row in rows)
-    a_cpu = sum(row[1] for row in rows)
-    b_cpu = startup_cpu + sum(row[3] for row in rows)
-    best_a = [min(x, row[0]) for x, row in zip(best_a, rows)]
-    best_b = [min(x, row[2]) for x, row in zip(best_b, rows)]
-    walls.append(b / a)
-    cpus.append(b_cpu / a_cpu)
-    print(f"{r + 1:6d} {a:15.2f} {b:9.2f} {startup:8.2f} {b / a:9.2f} {a_cpu:8.2f} "
-          f"{b_cpu:8.2f} {b_cpu / a_cpu:9.2f}", flush=True)
-  for name, ratios in (("wall", walls), ("CPU", cpus)):
-    ratios.sort()
-    print(f"ratio (b)/(a), {name}: median {ratios[len(ratios) // 2]:.2f}, "
-          f"range {ratios[0]:.2f}-{ratios[-1]:.2f} over {len(ratios)} repeats")
+    rows, startup = interleaved(paths, r, settings)
+    a_wall = sum(row[0] for row in rows["decode"])
+    a_cpu = sum(row[1] for row in rows["decode"])
+    print(f"{r + 1:6d} {_side_name('decode'):26s} {a_wall:8.2f} {'':8s} {a_cpu:8.2f}")
+    for side in sides:
+      best[side] = [min(x, row[0]) for x, row in zip(best[side], rows[side])]
+    for threads in settings:
+      wall = startup[threads][0] + sum(row[0] for row in rows[threads])
+      cpu = startup[threads][1] + sum(row[1] for row in rows[threads])
+      ratios[threads][0].append(wall / a_wall)
+      ratios[threads][1].append(cpu / a_cpu)
+      print(f"{'':6s} {_side_name(threads):26s} {wall:8.2f} {startup[threads][0]:8.2f} "
+            f"{cpu:8.2f} {wall / a_wall:8.2f} {cpu / a_cpu:8.2f}", flush=True)
+  for threads in settings:
+    for name, values in zip(("wall", "CPU"), ratios[threads]):
+      values = sorted(values)
+      print(f"threads={threads}: ratio (b)/(a), {name}: median {values[len(values) // 2]:.2f}, "
+            f"range {values[0]:.2f}-{values[-1]:.2f} over {len(values)} repeats")
 
-  print(f"\nPer clip, best of {FLAGS.repeats} (seconds):")
-  print(f"{'clip':48s} {'size':>9s} {'frames':>6s} {'(a)':>6s} {'(b)':>6s} {'b/a':>5s}")
-  for path, a, b in zip(paths, best_a, best_b):
+  print(f"\nPer clip, wall seconds, best of {FLAGS.repeats}:")
+  header = "".join(f" {'t=' + str(t):>6s} {'b/a':>5s}" for t in settings)
+  print(f"{'clip':48s} {'size':>9s} {'frames':>6s} {'(a)':>6s}{header}")
+  for i, path in enumerate(paths):
     with av.open(path) as container:
       v = container.streams.video[0]
       size = f"{v.width}x{v.height}"
       frames = v.frames
-    print(f"{os.path.basename(path)[:48]:48s} {size:>9s} {frames:6d} {a:6.2f} {b:6.2f} "
-          f"{b / a:5.2f}")
-  print(f"{'sum of per-clip bests':48s} {'':9s} {'':6s} {sum(best_a):6.2f} "
-        f"{sum(best_b):6.2f} {sum(best_b) / sum(best_a):5.2f}")
+    a = best["decode"][i]
+    cells = "".join(f" {best[t][i]:6.2f} {best[t][i] / a:5.2f}" for t in settings)
+    print(f"{os.path.basename(path)[:48]:48s} {size:>9s} {frames:6d} {a:6.2f}{cells}")
+  a = sum(best["decode"])
+  cells = "".join(f" {sum(best[t]):6.2f} {sum(best[t]) / a:5.2f}" for t in settings)
+  print(f"{'sum of per-clip bests':48s} {'':9s} {'':6s} {a:6.2f}{cells}")
 
   if FLAGS.fresh_process:
-    print("\nFresh processes (interpreter, imports and start-up included), seconds:")
+    print(f"\nFresh processes (interpreter, imports and start-up included; preparation "
+          f"with threads={settings[0]}), seconds:")
     for r in range(FLAGS.repeats):
       a, a_cpu = _fresh("baseline", paths)
       b, b_cpu = _fresh("prep", paths)

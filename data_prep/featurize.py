@@ -95,14 +95,16 @@ class ClipResult:
 class ClipProcessor:
   """Decodes one clip and builds its serialized Example. One instance per worker.
 
-  `video_decoder_threads` (see `media.sample_video`): 1 by default, the least CPU per
-  clip, for workers that fill every core (the Beam runner's); bin/prepare_data chooses with
-  `prepare.video_decoder_threads`.
+  `threads`: 1 (the default) prepares each clip on the calling thread, the least CPU per
+  clip, for workers that fill every core (the Beam runner's); 0 decodes a clip's audio
+  and converts its frames on helper threads and lets FFmpeg thread the video decoder (see
+  `media.sample_video`), the least wall time where cores are idle. bin/prepare_data
+  chooses with `prepare.clip_threads`.
   """
 
-  def __init__(self, config: PrepareConfig, video_decoder_threads: int = 1):
+  def __init__(self, config: PrepareConfig, threads: int = 1):
     self.config = config
-    self.video_decoder_threads = video_decoder_threads
+    self.threads = threads
     self._embedder = None
     self._log_mel_fn = features.compiled_log_mel_fn(config.log_mel)
     self._audio_thread = None  # started on the first clip with both modalities
@@ -161,7 +163,8 @@ class ClipProcessor:
     # The audio's truncation check compares with the segment actually asked for (trim,
     # --max_seconds), so a cut never reads as a truncation.
     audio = video = None
-    if cfg.audio and cfg.visual:  # both decode at once; their errors are raised in order
+    if cfg.audio and cfg.visual and self.threads != 1:
+      # Both decode at once; their errors are raised in order.
       if self._audio_thread is None:
         self._audio_thread = futures.ThreadPoolExecutor(1, "audio")
       audio = self._audio_thread.submit(media.read_audio, job.path, start, end,
@@ -170,7 +173,7 @@ class ClipProcessor:
       audio = _later(media.read_audio, job.path, start, end, cfg.log_mel.sample_rate)
     if cfg.visual:
       video = _later(media.sample_video_frames, job.path, cfg.num_video_frames,
-                     cfg.image_size, start, end, self.video_decoder_threads)
+                     cfg.image_size, start, end, self.threads)
     log_mel, duration = None, 0.0
     if cfg.audio:
       try:

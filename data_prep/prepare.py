@@ -23,20 +23,21 @@ from data_prep import shards
 _WORKER = None
 
 
-def video_decoder_threads(num_workers: int, cpus: int) -> int:
-  """The video decoder threads of each worker (`media.sample_video`): 1 when the workers
-  already occupy every core (the least CPU per clip), else 0, FFmpeg's automatic threads,
-  so that fewer workers than cores (or preparation in this process, num_workers=0) still
-  use the idle cores (docs/benchmarks.md: about 15 % more CPU, less wall time)."""
+def clip_threads(num_workers: int, cpus: int) -> int:
+  """`featurize.ClipProcessor`'s threads: 1 (each clip on its worker's one thread, the
+  least CPU per clip) when the workers already occupy every core, else 0 (helper threads
+  for the audio and the frame conversion, FFmpeg's automatic decoder threads), so that
+  fewer workers than cores (or preparation in this process, num_workers=0) still use the
+  idle cores (docs/benchmarks.md: more CPU, less wall time)."""
   return 1 if num_workers >= max(1, cpus) else 0
 
 
-def _init_worker(config, decoder_threads):
+def _init_worker(config, threads):
   global _WORKER
   # One thread per worker process: the parallelism comes from the processes.
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
-  _WORKER = featurize.ClipProcessor(config, decoder_threads)
+  _WORKER = featurize.ClipProcessor(config, threads)
 
 
 def _work(job):
@@ -74,13 +75,13 @@ def prepare(inputs: inputs_lib.Inputs, config: featurize.PrepareConfig, num_work
                total, len(pending), skipped, num_workers)
 
   pool = None
-  decoder_threads = video_decoder_threads(num_workers, os.cpu_count() or 1)
+  threads = clip_threads(num_workers, os.cpu_count() or 1)
   if num_workers > 0 and pending:
     ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(config, decoder_threads))
+    pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(config, threads))
     results = pool.imap(_work, [job for job, _ in pending], chunksize=2)
   else:
-    processor = featurize.ClipProcessor(config, decoder_threads)
+    processor = featurize.ClipProcessor(config, threads)
     results = (processor(job) for job, _ in pending)
 
   writer = None

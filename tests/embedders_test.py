@@ -99,6 +99,14 @@ def test_color_layout_embedder():
   assert hist[1, 0] == pytest.approx(0.5) and hist[1, 48] == pytest.approx(0.5)  # red bin
   with pytest.raises(ValueError, match="divisible by 8"):
     embedders.build_embedder("color_layout", image_size=60)
+  # Random frames against an independent NumPy reference: block means and bin counts.
+  frames = np.random.default_rng(0).integers(0, 256, [5, 64, 64, 3], dtype=np.uint8)
+  thumb = frames.reshape(5, 8, 8, 8, 8, 3).mean(axis=(2, 4)) / 255.0
+  bins = frames // 64
+  index = (bins[..., 0] * 16 + bins[..., 1] * 4 + bins[..., 2]).reshape(5, -1)
+  hist = np.stack([np.bincount(row, minlength=64) for row in index]) / (64 * 64)
+  np.testing.assert_allclose(emb(frames), np.concatenate([thumb.reshape(5, -1), hist], 1),
+                             atol=1e-6)
 
 
 def test_check_embedder_names_what_cannot_be_built(tmp_path, monkeypatch):

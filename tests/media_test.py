@@ -478,6 +478,24 @@ def test_frames_of_any_format_and_shape_fit(fmt):
                                err_msg=f"{fmt} {width}x{height}")
 
 
+def test_frame_fitter_stacks_its_block_without_copying_only_when_it_may():
+  """A clip's frames come back as the fitter's block when each was converted once, in
+  order; repeated or reordered frames, or more than the block holds, come back copied,
+  with the right pictures either way."""
+  import av  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import video_frames  # pylint: disable=g-import-not-at-top
+  sources = [av.VideoFrame.from_ndarray(np.full([48, 64, 3], level, np.uint8), format="rgb24")
+             for level in (10, 120, 240)]
+  fit = video_frames.FrameFitter(16, capacity=2)
+  a, b, c = (fit(frame) for frame in sources)  # c is past the block's capacity
+  levels = lambda stacked: [int(round(x.mean())) for x in stacked]
+  block = fit.stack([a, b])
+  assert levels(block) == [10, 120, 240][:2] and np.shares_memory(block, a)
+  for frames, want in [([a, a], [10, 10]), ([b, a], [120, 10]), ([a, b, c], [10, 120, 240])]:
+    stacked = fit.stack(frames)
+    assert levels(stacked) == want and not np.shares_memory(stacked, a), want
+
+
 def _write_vfr_mp4(path, gaps_90khz):
   """H.264 (B-frames, B-pyramid) at a variable frame rate; frame i is grey level 11*i%256."""
   import fractions  # pylint: disable=g-import-not-at-top

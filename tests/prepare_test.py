@@ -583,22 +583,38 @@ def test_audio_and_frames_decoded_together(tmp_path):
   assert result.duration_seconds == pytest.approx(1.0, abs=0.07)
 
 
-def test_video_decoder_threads_follow_the_idle_cores(tmp_path, monkeypatch):
-  """Workers that fill every core decode video on one thread (least CPU); fewer workers,
-  or preparation in this process, let FFmpeg thread the decoder over the idle cores."""
+def test_clip_threads_follow_the_idle_cores(tmp_path, monkeypatch):
+  """Workers that fill every core prepare each clip on their one thread (least CPU):
+  audio, video decoding and frame conversion all on it. Fewer workers, or preparation in
+  this process, decode the audio and convert the frames on helper threads and let FFmpeg
+  thread the video decoder over the idle cores."""
+  import threading  # pylint: disable=g-import-not-at-top
   from av_sound_tf.core import media  # pylint: disable=g-import-not-at-top
-  assert prepare.video_decoder_threads(2, 2) == 1
-  assert prepare.video_decoder_threads(8, 4) == 1
-  assert prepare.video_decoder_threads(1, 2) == 0
-  assert prepare.video_decoder_threads(0, 1) == 0
-  seen = []
-  sample = media.sample_video_frames
+  from av_sound_tf.core import video_frames  # pylint: disable=g-import-not-at-top
+  assert prepare.clip_threads(2, 2) == 1
+  assert prepare.clip_threads(8, 4) == 1
+  assert prepare.clip_threads(1, 2) == 0
+  assert prepare.clip_threads(0, 1) == 0
+  seen = []  # (step, decoder threads or None, whether it ran on the main thread)
+  sample, read, fit = (media.sample_video_frames, media.read_audio,
+                       video_frames.FrameFitter.__call__)
+  on_main = lambda: threading.current_thread() is threading.main_thread()
 
-  def recording(*args):
-    seen.append(args[-1])
+  def sampling(*args):
+    seen.append(("video", args[-1], on_main()))
     return sample(*args)
 
-  monkeypatch.setattr(media, "sample_video_frames", recording)
+  def reading(*args):
+    seen.append(("audio", None, on_main()))
+    return read(*args)
+
+  def fitting(self, frame):
+    seen.append(("convert", None, on_main()))
+    return fit(self, frame)
+
+  monkeypatch.setattr(media, "sample_video_frames", sampling)
+  monkeypatch.setattr(media, "read_audio", reading)
+  monkeypatch.setattr(video_frames.FrameFitter, "__call__", fitting)
   file_list = write_list(tmp_path / "v.csv", [(shared_path("video", "moviepy_chaplin.mp4"),
                                                "Speech")])
   found = inputs.from_file_list(file_list,
@@ -607,4 +623,10 @@ def test_video_decoder_threads_follow_the_idle_cores(tmp_path, monkeypatch):
                                    modalities=("audio", "visual"), embedder="tiny",
                                    image_size=32, num_video_frames=8)
   assert prepare.prepare(found, config, num_workers=0).written == 1
-  assert seen == [0]
+  assert sorted(set(seen)) == [("audio", None, False), ("convert", None, False),
+                               ("video", 0, True)]
+  seen.clear()
+  result = featurize.ClipProcessor(config, threads=1)(found.jobs[0])
+  assert result.status == "written"
+  assert sorted(set(seen)) == [("audio", None, True), ("convert", None, True),
+                               ("video", 1, True)]

@@ -22,10 +22,10 @@
   worker) with the worker's thread count (TensorFlow's intra-op setting, else all cores).
 * ``color_layout``: a fixed, weight-free descriptor (256-d): the frame averaged to an 8 x 8
   RGB thumbnail (192 values, the MPEG-7 "colour layout" idea) plus a 4 x 4 x 4 RGB colour
-  histogram (64 values). It needs no download and runs in microseconds per frame, and it
-  carries real visual signal (colour, position, coarse shape): the embedded demo data set
-  uses it where ImageNet weights cannot be downloaded. It is no substitute for ResNet-152
-  on real video.
+  histogram (64 values). It needs no download, costs well under a millisecond per frame
+  (docs/benchmarks.md), and carries real visual signal (colour, position, coarse shape):
+  the embedded demo data set uses it where ImageNet weights cannot be downloaded. It is no
+  substitute for ResNet-152 on real video.
 
 The per-clip bag vector is the mean of the frame embeddings (`embed_clip`).
 
@@ -58,7 +58,9 @@ from av_sound_tf.core import model_files
 class FrameEmbedder:
   """Maps uint8 RGB frames [n, size, size, 3] to float32 embeddings [n, dim].
 
-  `fn` takes a uint8 batch (numpy) and returns a tensor or an array [batch, dim].
+  `fn` takes a uint8 batch (numpy) and returns a tensor or an array [batch, dim], called
+  on `batch_size` frames at a time (16 bounds a large network's activations; the light
+  embedders take a 64-frame clip in one call).
   """
 
   name: str
@@ -196,7 +198,7 @@ def _tiny(image_size: int) -> FrameEmbedder:
   def fn(frames):
     return model(tf.cast(frames, tf.float32), training=False)
 
-  return FrameEmbedder("tiny", 32, image_size, fn)
+  return FrameEmbedder("tiny", 32, image_size, fn, batch_size=64)  # a clip in one call
 
 
 _COLOR_GRID = 8  # color_layout's thumbnail: 8 x 8 cells, so image_size must divide by 8
@@ -210,13 +212,13 @@ def _color_layout(image_size: int) -> FrameEmbedder:
     x = tf.cast(frames, tf.float32) / 255.0
     thumb = tf.nn.avg_pool2d(x, image_size // grid, image_size // grid, "VALID")
     thumb = tf.reshape(thumb, [-1, grid * grid * 3])  # [n, 192]
-    bins = tf.cast(tf.minimum(tf.cast(frames, tf.int32) // 64, 3), tf.int32)  # 4 per channel
+    bins = tf.cast(tf.bitwise.right_shift(frames, 6), tf.int32)  # 4 bins per channel
     index = bins[..., 0] * 16 + bins[..., 1] * 4 + bins[..., 2]
-    hist = tf.reduce_mean(tf.one_hot(tf.reshape(index, [tf.shape(frames)[0], -1]), 64),
-                          axis=1)  # [n, 64], sums to 1
-    return tf.concat([thumb, hist], axis=-1)
+    counts = tf.math.bincount(tf.reshape(index, [tf.shape(frames)[0], -1]), minlength=64,
+                              maxlength=64, dtype=tf.float32, axis=-1)  # [n, 64]
+    return tf.concat([thumb, counts / float(image_size * image_size)], axis=-1)
 
-  return FrameEmbedder("color_layout", grid * grid * 3 + 64, image_size, fn)
+  return FrameEmbedder("color_layout", grid * grid * 3 + 64, image_size, fn, batch_size=64)
 
 
 # ---- tflite:<path> ------------------------------------------------------------------------

@@ -1,13 +1,11 @@
 """Decoding audio files and video containers with PyAV (FFmpeg) and libsndfile.
 
-Why PyAV and libsoxr: per 5 s ESC-10 OGG clip, tensorflow-io's ``AudioIOTensor`` decode
-plus ``tfio.audio.resample`` costs about 19x our decode, and PyAV with FFmpeg's swresample
-1.4x; libsoxr resamples a 10 s clip 3.3x faster than swresample (all measured side by
-side by benchmarks/decode_benchmark.py; docs/benchmarks.md). tensorflow-io's video ops also
-need FFmpeg 4.2/3.4/2.8 shared libraries that current systems lack, while PyAV ships its own
-FFmpeg. It serves video containers and audio files, except local WAV, FLAC, AIFF and Ogg
-Vorbis files: libsndfile decodes those, about 1.4x faster on Vorbis, with the same samples
-(`audio_samples.open_soundfile`; any file it refuses goes to FFmpeg).
+Why PyAV and libsoxr (benchmarks/decode_benchmark.py, side by side; docs/benchmarks.md): per
+5 s ESC-10 OGG clip, tensorflow-io's ``AudioIOTensor`` + ``tfio.audio.resample`` costs about
+19x our decode, PyAV with FFmpeg's swresample 1.4x; libsoxr resamples 10 s 3.3x faster than
+swresample. tensorflow-io's video ops need FFmpeg 4.2/3.4/2.8 shared libraries that current
+systems lack; PyAV ships its own FFmpeg. Local WAV, FLAC, AIFF and Ogg Vorbis files go to
+libsndfile, about 1.4x faster on Vorbis, with the same samples (`audio_samples`).
 
 Audio channels are averaged (librosa's ``to_mono`` convention: a tone at amplitude a in both
 channels stays at amplitude a; FFmpeg's own stereo-to-mono matrix adds the channels at -3 dB
@@ -26,11 +24,10 @@ import os
 import av
 import numpy as np
 import soxr
-import tensorflow as tf
 
 from av_sound_tf.core import audio_samples
 from av_sound_tf.core import constants
-from av_sound_tf.core import files
+from av_sound_tf.core import containers
 from av_sound_tf.core import truncation as truncation_lib
 from av_sound_tf.core import video_frames
 
@@ -40,14 +37,7 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".m
                     ".3gp", ".ogv", ".wmv")
 MEDIA_EXTENSIONS = AUDIO_EXTENSIONS + VIDEO_EXTENSIONS
 
-
-class MediaError(Exception):
-  """A media file could not be used; the message names the file and the reason."""
-
-  def __init__(self, path, reason):
-    super().__init__(f"{path}: {reason}")
-    self.path = path
-    self.reason = reason
+MediaError = containers.MediaError
 
 
 @dataclasses.dataclass
@@ -62,53 +52,18 @@ class MediaInfo:
   video_codec: str = ""
 
 
-def _open(path):
-  """Opens a local path directly, anything else (gs://, ...) through tf.io.gfile."""
-  not_regular = files.not_regular_file_reason(path)
-  if not_regular:  # FFmpeg would block forever on a FIFO
-    raise MediaError(path, not_regular)
-  try:
-    if "://" in path:
-      return av.open(tf.io.gfile.GFile(path, "rb"))
-    return av.open(path)
-  except FileNotFoundError as e:
-    raise MediaError(path, "file not found") from e
-  except (av.error.FFmpegError, OSError, ValueError, tf.errors.OpError) as e:
-    raise MediaError(path, f"not a readable media file ({_short(e)})") from e
-
-
-def _short(error):
-  text = str(error).strip() or type(error).__name__
-  return text.splitlines()[0][:200]
-
-
-def _duration(container):
-  if container.duration:
-    return container.duration / av.time_base
-  best = 0.0
-  for stream in container.streams:
-    if stream.duration and stream.time_base:
-      best = max(best, float(stream.duration * stream.time_base))
-  return best
-
-
 def probe(path) -> MediaInfo:
   """Reads duration and streams of a media file without decoding it."""
-  with _open(path) as container:
+  with containers.open_container(path) as container:
     audio = container.streams.audio
-    video = [s for s in container.streams.video if not _is_cover_art(s)]
+    video = [s for s in container.streams.video if not containers.is_cover_art(s)]
     return MediaInfo(
         path=path,
-        duration_seconds=_duration(container),
+        duration_seconds=containers.duration(container),
         has_audio=bool(audio),
         has_video=bool(video),
         audio_codec=audio[0].codec_context.name if audio else "",
         video_codec=video[0].codec_context.name if video else "")
-
-
-def _is_cover_art(stream):
-  # mp3/m4a files can carry a still image as an "attached picture" video stream.
-  return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
 @dataclasses.dataclass
@@ -242,14 +197,14 @@ class AudioStream:
         yield self._block([mono], resampler, last=False)
     except RuntimeError as e:  # soundfile.LibsndfileError: keep what decoded before it
       if position == begin:
-        raise MediaError(path, f"audio track does not decode ({_short(e)})") from e
+        raise MediaError(path, f"audio track does not decode ({containers.short(e)})") from e
     last = self._finish([], resampler, 0.0, position, rate, stop)
     if last.size:
       yield last
 
   def _iter_ffmpeg(self):
     path, start_seconds, end_seconds = self.path, self.start_seconds, self.end_seconds
-    with _open(path) as container:
+    with containers.open_container(path) as container:
       if not container.streams.audio:
         raise MediaError(path, "no audio track")
       stream = container.streams.audio[0]
@@ -290,7 +245,7 @@ class AudioStream:
             break
       except (av.error.FFmpegError, ValueError) as e:
         if rate is None:
-          raise MediaError(path, f"audio track does not decode ({_short(e)})") from e
+          raise MediaError(path, f"audio track does not decode ({containers.short(e)})") from e
         # Keep what decoded before a corrupt tail; the caller sees the shorter length.
       if rate is None:
         raise MediaError(path, "audio track holds no samples")
@@ -367,23 +322,23 @@ def sample_video(path, num_frames=64, image_size=224, start_seconds=None,
 
   Frame k is the first frame at or after time start + (k + 0.5) * duration / num_frames
   (end: `end_seconds`, else the container's duration); a video that ends early repeats
-  its last frame. Only the frames the picks need are decoded, and only picked frames go
-  through the ImageNet transform (`video_frames.FrameFitter`), on a helper thread; see
-  `core.video_frames` for the rule and how it is kept exact. `decoder_threads`: 0 lets
-  FFmpeg choose (the least wall time for one file on an idle machine); 1 decodes on one
-  thread, about 15 % less CPU for the same frames: preparation workers, one per core, use
-  it (benchmarks/frame_benchmark.py); n > 1: n frame threads.
+  its last frame. Only the frames the picks need are decoded (`core.video_frames`: the rule,
+  kept exact), and only picks go through the ImageNet transform (`FrameFitter`).
+  `decoder_threads`: 0, FFmpeg's automatic threads and the frames converted on a helper
+  thread (the least wall time on an idle machine); 1, all on the calling thread, for
+  workers that fill every core (the least CPU; benchmarks/frame_benchmark.py); n > 1: n
+  frame threads and the helper thread.
 
   Returns `SampledFrames`. Raises MediaError (no video track, no decodable frame) or
-  ValueError (num_frames < 1, decoder_threads < 0).
-  """
+  ValueError (num_frames < 1, decoder_threads < 0)."""
   if num_frames < 1:
     raise ValueError(f"num_frames must be >= 1. Received: {num_frames}")
   if decoder_threads < 0:
     raise ValueError(f"decoder_threads must be >= 0. Received: {decoder_threads}")
-  picked = None
-  with video_frames.BackgroundConverter(video_frames.FrameFitter(image_size)) as convert:
-    with _open(path) as container:
+  picked, fitter = None, video_frames.FrameFitter(image_size, capacity=num_frames)
+  with (video_frames.InlineConverter(fitter) if decoder_threads == 1 else
+        video_frames.BackgroundConverter(fitter)) as convert:
+    with containers.open_container(path) as container:
       stream, targets = _video_segment(path, container, num_frames, start_seconds,
                                        end_seconds, decoder_threads)
       try:
@@ -391,7 +346,7 @@ def sample_video(path, num_frames=64, image_size=224, start_seconds=None,
       except (av.error.FFmpegError, ValueError):
         picked = None  # e.g. a demuxing error: decode frame by frame below
     if picked is None:
-      with _open(path) as container:
+      with containers.open_container(path) as container:
         stream, targets = _video_segment(path, container, num_frames, start_seconds,
                                          end_seconds, decoder_threads)
         try:
@@ -403,15 +358,16 @@ def sample_video(path, num_frames=64, image_size=224, start_seconds=None,
     try:
       frames = convert.result(converted)
     except (av.error.FFmpegError, ValueError) as e:
-      raise MediaError(path, f"video frames do not convert to RGB ({_short(e)})") from e
-  return SampledFrames(np.stack(frames), np.asarray(times, np.float64),
+      raise MediaError(path, "video frames do not convert to RGB "
+                       f"({containers.short(e)})") from e
+  return SampledFrames(fitter.stack(frames), np.asarray(times, np.float64),
                        np.asarray(targets, np.float64))
 
 
 def _video_segment(path, container, num_frames, start_seconds, end_seconds, decoder_threads):
   """The first video stream (its decoder threads set) and the targets; seeks to the
   segment's start."""
-  streams = [s for s in container.streams.video if not _is_cover_art(s)]
+  streams = [s for s in container.streams.video if not containers.is_cover_art(s)]
   if not streams:
     raise MediaError(path, "no video track")
   stream = streams[0]
@@ -421,7 +377,7 @@ def _video_segment(path, container, num_frames, start_seconds, end_seconds, deco
     stream.thread_type = "FRAME"
     stream.codec_context.thread_count = decoder_threads
   start = float(start_seconds or 0.0)
-  end = end_seconds if end_seconds is not None else _duration(container)
+  end = end_seconds if end_seconds is not None else containers.duration(container)
   if not end or end <= start:
     end = start + 1.0  # unknown duration: targets fall back to the first frames
   if start > 0:

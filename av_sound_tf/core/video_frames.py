@@ -76,11 +76,18 @@ class FrameFitter:
   writes planar RGB (``gbrp``), which costs about half the CPU of packed ``rgb24`` at these
   sizes and gives the same pixels (swscale computes both the same way and packs them
   differently; tests/media_test.py compares them with ``to_ndarray(format="rgb24")``).
+
+  The first `capacity` frames are written into one block [capacity, size, size, 3], so
+  that `stack` returns a clip's frames without copying them again when each was converted
+  once, in order (the usual case: frames are decoded in presentation order).
   """
 
-  def __init__(self, image_size: int):
+  def __init__(self, image_size: int, capacity: int = 0):
     self.image_size = image_size
     self._graph = self._key = None
+    self._capacity = capacity
+    self._block = None
+    self._issued = []  # the views of the block handed out, in order
 
   def crop_box(self, width: int, height: int) -> Tuple[int, int, int]:
     """(side, left, top) of the square cut from a width x height frame."""
@@ -112,12 +119,25 @@ class FrameFitter:
     self._graph.push(frame)
     scaled = self._graph.pull()
     size = self.image_size
-    rgb = np.empty([size, size, 3], np.uint8)
+    if len(self._issued) < self._capacity:
+      if self._block is None:
+        self._block = np.empty([self._capacity, size, size, 3], np.uint8)
+      rgb = self._block[len(self._issued)]
+      self._issued.append(rgb)
+    else:
+      rgb = np.empty([size, size, 3], np.uint8)
     for channel, plane in enumerate((scaled.planes[2], scaled.planes[0], scaled.planes[1])):
       rows = np.ndarray([size, size], np.uint8, buffer=plane,
                         strides=[plane.line_size, 1])  # a view without the row padding
       rgb[:, :, channel] = rows
     return rgb
+
+  def stack(self, frames: list) -> np.ndarray:
+    """`frames` (this fitter's outputs) as one array [n, size, size, 3]: the block itself
+    when they are its first n frames in order, else a copy."""
+    if len(frames) == len(self._issued) and all(a is b for a, b in zip(frames, self._issued)):
+      return self._block[:len(frames)]
+    return np.stack(frames)
 
 
 class BackgroundConverter:
@@ -153,6 +173,27 @@ class BackgroundConverter:
   def result(converted: list) -> list:
     """The converted frames, in order (a conversion's error is raised here)."""
     return [item.result() for item in converted]
+
+
+class InlineConverter(BackgroundConverter):
+  """`BackgroundConverter`'s interface, converting on the calling thread: for workers that
+  already fill every core, where a helper thread only adds CPU (its hand-offs cost about
+  0.25 ms per frame here, as much as the conversion; benchmarks/frame_benchmark.py). A
+  conversion's error is still raised by `result`, as with the helper thread."""
+
+  def __init__(self, convert: Callable):  # pylint: disable=super-init-not-called
+    self._convert = convert
+
+  def __call__(self, frame) -> futures.Future:
+    future = futures.Future()
+    try:
+      future.set_result(self._convert(frame))
+    except Exception as e:  # pylint: disable=broad-except
+      future.set_exception(e)
+    return future
+
+  def __exit__(self, *exc):
+    pass
 
 
 def _avcc_length_size(stream) -> Optional[int]:
