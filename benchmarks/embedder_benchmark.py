@@ -86,8 +86,8 @@ def _hours(seconds_per_clip):
 
 def sample_frames(paths):
   """Seconds per clip of media.sample_video_frames(path, 64, 224) over 10 s (or the whole
-  clip when shorter), decoded on one thread as preparation workers do, and the frames of
-  every clip."""
+  clip when shorter), on one thread as preparation workers do (decoding and conversion),
+  and the frames of every clip."""
   seconds, frames, lengths = [], [], []
   for path in paths:
     duration = media.probe(path).duration_seconds
@@ -98,7 +98,7 @@ def sample_frames(paths):
     lengths.append(end)
   per_10s = np.array(seconds) / np.array(lengths)[:, None] * 10.0  # [clips, (wall, cpu)]
   print(f"video: 64 frames sampled from 10 s, centre-cropped and resized to 224 "
-        f"(media.sample_video_frames, one decoder thread), {len(paths)} real clips, per 10 s clip: wall mean "
+        f"(media.sample_video_frames, all on one thread), {len(paths)} real clips, per 10 s clip: wall mean "
         f"{per_10s[:, 0].mean():.3f} s (median {np.median(per_10s[:, 0]):.3f}); CPU mean "
         f"{per_10s[:, 1].mean():.3f} s (median {np.median(per_10s[:, 1]):.3f}, range "
         f"{per_10s[:, 1].min():.3f}-{per_10s[:, 1].max():.3f})")
@@ -124,6 +124,21 @@ def mobilenet(frames):
   return FRAMES * results[16]
 
 
+def light(frames):
+  """CPU ms per 64-frame clip of the weight-free and test embedders (whole clips per call,
+  as preparation calls them), over every sampled clip."""
+  cells = []
+  for spec in ("color_layout", "tiny"):
+    emb = embedders.build_embedder(spec)
+    emb(frames[0])  # tracing
+    clock = _Clock()
+    for f in frames:
+      out = emb(f)
+    assert out.shape == (FRAMES, emb.dim)
+    cells.append(f"{spec} {1000 * clock.read()[1] / len(frames):.1f}")
+  print(f"Light embedders, CPU ms per 64-frame clip ({len(frames)} clips): {'; '.join(cells)}")
+
+
 def resnet(frames):
   emb = embedders.build_embedder("resnet152", weights="none")
   batch = np.concatenate(frames)[:FLAGS.resnet_frames]
@@ -146,6 +161,7 @@ def main(argv):
   names = sorted(n for n in os.listdir(FLAGS.clips_dir) if n.endswith(".mp4"))
   paths = [os.path.join(FLAGS.clips_dir, n) for n in names[:FLAGS.num_clips]]
   decode, frames = sample_frames(paths)
+  light(frames)
   mobile = mobilenet(frames)
   heavy = resnet(frames)
   print(f"ratios (same run, CPU time): MobileNet embedding / frame sampling "

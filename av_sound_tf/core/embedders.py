@@ -58,9 +58,7 @@ from av_sound_tf.core import model_files
 class FrameEmbedder:
   """Maps uint8 RGB frames [n, size, size, 3] to float32 embeddings [n, dim].
 
-  `fn` takes a uint8 batch (numpy) and returns a tensor or an array [batch, dim], called
-  on `batch_size` frames at a time (16 bounds a large network's activations; the light
-  embedders take a 64-frame clip in one call).
+  `fn` takes a uint8 batch (numpy) and returns a tensor or an array [batch, dim].
   """
 
   name: str
@@ -198,7 +196,7 @@ def _tiny(image_size: int) -> FrameEmbedder:
   def fn(frames):
     return model(tf.cast(frames, tf.float32), training=False)
 
-  return FrameEmbedder("tiny", 32, image_size, fn, batch_size=64)  # a clip in one call
+  return FrameEmbedder("tiny", 32, image_size, fn)
 
 
 _COLOR_GRID = 8  # color_layout's thumbnail: 8 x 8 cells, so image_size must divide by 8
@@ -218,7 +216,7 @@ def _color_layout(image_size: int) -> FrameEmbedder:
                               maxlength=64, dtype=tf.float32, axis=-1)  # [n, 64]
     return tf.concat([thumb, counts / float(image_size * image_size)], axis=-1)
 
-  return FrameEmbedder("color_layout", grid * grid * 3 + 64, image_size, fn, batch_size=64)
+  return FrameEmbedder("color_layout", grid * grid * 3 + 64, image_size, fn)
 
 
 # ---- tflite:<path> ------------------------------------------------------------------------
