@@ -31,11 +31,13 @@ repeat, so that every side sees the same load on a shared machine:
 
 Prints both totals per repeat in wall seconds and in CPU seconds (the process's user +
 system time, all threads: steadier than wall time on a shared machine), the ratios
-(b) / (a), per-clip wall seconds (best of the repeats), and with ``--profile`` where
-preparation's time goes (cProfile with a CPU-time clock, cumulative seconds per step of
-one more pass).
+(b) / (a), per-clip wall seconds (best of the repeats); with ``--parts``, the CPU of each
+part of a ``threads=1`` preparation timed on its own against the plain decode (PyAV's
+default threads), and with ``--profile`` where preparation's time goes (cProfile with a
+CPU-time clock, cumulative seconds per step of one more pass).
 
-  .venv/bin/python benchmarks/frame_benchmark.py [--repeats=3] [--profile] [--fresh_process]
+  .venv/bin/python benchmarks/frame_benchmark.py [--repeats=3] [--profile] [--parts]
+      [--fresh_process] [--threads=1,0] [--baseline_threads=auto|default]
 
 Not a test. The machine may be shared: compare the ratios within a run.
 """
@@ -69,6 +71,8 @@ flags.DEFINE_list("threads", ["1", "0"], "featurize.ClipProcessor threads settin
                   "measure: 1, each clip on one thread (workers that fill every core); 0, "
                   "helper threads (fewer workers than cores).")
 flags.DEFINE_bool("profile", False, "Profile one more preparation pass.")
+flags.DEFINE_bool("parts", False, "Also time preparation's parts (threads=1) against the "
+                  "plain decode, clip by clip in rotating order, CPU seconds.")
 flags.DEFINE_bool("fresh_process", False, "Also time both sides as fresh processes.")
 flags.DEFINE_enum("mode", "both", ["both", "baseline", "prep"],
                   "Internal: run one side once (--fresh_process children).")
@@ -254,6 +258,69 @@ def profile(paths):
   pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
 
 
+def parts(paths, repeats=4):
+  """CPU seconds over all clips of each part of a threads=1 preparation, each part timed
+  on its own clip by clip with the plain decode in rotating order (medians of `repeats`),
+  and its share of the plain decode's CPU."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import containers  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import media  # pylint: disable=g-import-not-at-top
+  from av_sound_tf.core import video_frames  # pylint: disable=g-import-not-at-top
+  from data_prep import featurize  # pylint: disable=g-import-not-at-top
+  _set_tf_threads()
+  processor = featurize.ClipProcessor(_config(), 1)
+  jobs = dict(zip(paths, _jobs(paths)))
+  for path in paths:  # tracing and log-mel compiles, untimed
+    processor(jobs[path])
+  frames = {p: media.sample_video_frames(p, FLAGS.num_frames, FLAGS.image_size,
+                                         decoder_threads=1) for p in paths}
+  waves = {p: media.read_audio(p, None, None, processor.config.log_mel.sample_rate).waveform
+           for p in paths}
+
+  def picks_only(path):  # the exact picks decoded, nothing converted
+    with containers.open_container(path) as container:
+      stream = container.streams.video[0]
+      stream.thread_type = "FRAME"
+      stream.codec_context.thread_count = 1
+      targets = video_frames.frame_targets(FLAGS.num_frames, 0.0,
+                                           containers.duration(container))
+      video_frames.sample_frames(container, stream, targets, lambda frame: None)
+
+  sides = {
+      "plain full decode (the baseline)": lambda p: full_decode(p, "default"),
+      "whole preparation (ClipProcessor, threads=1)": lambda p: processor(jobs[p]),
+      "video: media.sample_video (one thread)": lambda p: media.sample_video(
+          p, FLAGS.num_frames, FLAGS.image_size, decoder_threads=1),
+      "  of it: the picks decoded, no conversion": picks_only,
+      "audio: media.read_audio (open, decode, resample)": lambda p: media.read_audio(
+          p, None, None, processor.config.log_mel.sample_rate),
+      f"embedder ({FLAGS.embedder})": lambda p: processor.embedder.embed_clip(frames[p]),
+      "log-mel": lambda p: processor.log_mel(waves[p]),
+      "probe (media.probe)": media.probe,
+      "container open (containers.open_container)": lambda p: containers.open_container(
+          p).close(),
+  }
+  names = list(sides)
+  totals = {name: [] for name in names}
+  for r in range(repeats):
+    spent = dict.fromkeys(names, 0.0)
+    for i, path in enumerate(paths):
+      shift = (i + r) % len(names)
+      for name in names[shift:] + names[:shift]:
+        c = cpu_seconds()
+        sides[name](path)
+        spent[name] += cpu_seconds() - c
+    for name in names:
+      totals[name].append(spent[name])
+  base = float(np.median(totals[names[0]]))
+  print(f"\nParts of preparation, CPU seconds over {len(paths)} clips (median of {repeats}), "
+        f"and as a share of the plain decode:")
+  for name in names:
+    value = float(np.median(totals[name]))
+    print(f"  {name:52s} {value:7.2f} s {value / base:6.3f}x  "
+          f"(ms per clip {1000 * value / len(paths):.1f})")
+
+
 def _side_name(side):
   return "(a) full decode" if side == "decode" else f"(b) prep, threads={side}"
 
@@ -331,6 +398,8 @@ def main(argv):
       print(f"  repeat {r + 1}: wall (a) {a:.2f} (b) {b:.2f} ratio {b / a:.2f}; "
             f"CPU (a) {a_cpu:.2f} (b) {b_cpu:.2f} ratio {b_cpu / a_cpu:.2f}", flush=True)
 
+  if FLAGS.parts:
+    parts(paths)
   if FLAGS.profile:
     profile(paths)
 

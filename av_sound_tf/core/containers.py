@@ -16,20 +16,15 @@ class MediaError(Exception):
     self.reason = reason
 
 
-_PROBE_OPTIONS = {"threads": "1"}
-
-
 def open_container(path):
   """Opens a local path directly, anything else (gs://, ...) through tf.io.gfile."""
   not_regular = files.not_regular_file_reason(path)
   if not_regular:  # FFmpeg would block forever on a FIFO
     raise MediaError(path, not_regular)
-  # FFmpeg's stream probing decodes a few packets; on one thread it skips starting a
-  # thread pool per stream (~0.7 ms per open). The decoders used afterwards are new ones.
   try:
     if "://" in path:
-      return av.open(tf.io.gfile.GFile(path, "rb"), options=_PROBE_OPTIONS)
-    return av.open(path, options=_PROBE_OPTIONS)
+      return av.open(tf.io.gfile.GFile(path, "rb"))
+    return av.open(path)
   except FileNotFoundError as e:
     raise MediaError(path, "file not found") from e
   except (av.error.FFmpegError, OSError, ValueError, tf.errors.OpError) as e:
