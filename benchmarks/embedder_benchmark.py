@@ -98,7 +98,8 @@ def sample_frames(paths):
     lengths.append(end)
   per_10s = np.array(seconds) / np.array(lengths)[:, None] * 10.0  # [clips, (wall, cpu)]
   print(f"video: 64 frames sampled from 10 s, centre-cropped and resized to 224 "
-        f"(media.sample_video_frames, all on one thread), {len(paths)} real clips, per 10 s clip: wall mean "
+        f"(media.sample_video_frames, all on one thread), {len(paths)} real clips, per 10 s "
+        f"clip: wall mean "
         f"{per_10s[:, 0].mean():.3f} s (median {np.median(per_10s[:, 0]):.3f}); CPU mean "
         f"{per_10s[:, 1].mean():.3f} s (median {np.median(per_10s[:, 1]):.3f}, range "
         f"{per_10s[:, 1].min():.3f}-{per_10s[:, 1].max():.3f})")

@@ -43,6 +43,7 @@ Not a test. The machine may be shared: compare the ratios within a run.
 """
 
 import cProfile
+import functools
 import glob
 import os
 import pstats
@@ -189,9 +190,9 @@ def interleaved(paths, repeat, settings):
     shift = (i + repeat) % len(sides)
     for side in sides[shift:] + sides[:shift]:
       if side == "decode":
-        rows[side].append(timed(lambda: full_decode(path, FLAGS.baseline_threads)))  # pylint: disable=cell-var-from-loop
+        rows[side].append(timed(functools.partial(full_decode, path, FLAGS.baseline_threads)))
       else:
-        rows[side].append(timed(lambda: prepare(processors[side], job)))  # pylint: disable=cell-var-from-loop
+        rows[side].append(timed(functools.partial(prepare, processors[side], job)))
   return rows, startup
 
 

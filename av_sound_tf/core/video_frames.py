@@ -177,9 +177,9 @@ class BackgroundConverter:
 
 class InlineConverter(BackgroundConverter):
   """`BackgroundConverter`'s interface, converting on the calling thread: for workers that
-  already fill every core, where a helper thread only adds CPU (its hand-offs cost about
-  0.25 ms per frame here, as much as the conversion; benchmarks/frame_benchmark.py). A
-  conversion's error is still raised by `result`, as with the helper thread."""
+  already fill every core, where a helper thread's hand-offs only add CPU
+  (benchmarks/frame_benchmark.py measures both settings). A conversion's error is still
+  raised by `result`, as with the helper thread."""
 
   def __init__(self, convert: Callable):  # pylint: disable=super-init-not-called
     self._convert = convert
