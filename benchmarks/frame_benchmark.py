@@ -24,8 +24,10 @@ repeat, so that every side sees the same load on a shared machine:
       automatic decoder threads: bin/prepare_data's setting when it has fewer workers than
       cores, e.g. ``--num_workers=1`` here); then the processor on each clip, up to its
       serialized Example. Its total is the worker's start-up (building the processor: the
-      compiled log-mel function, the embedder) plus every clip. The interpreter and the
-      imports (TensorFlow, PyAV) are not counted on either side; ``--fresh_process`` also
+      compiled log-mel function, the embedder, their first tracing and compiles) plus
+      every clip. The interpreter, the imports (TensorFlow, PyAV) and TensorFlow's one-time
+      process set-up (one clip through every side, untimed, first) are not counted on
+      either side; ``--fresh_process`` also
       times both sides as fresh processes (interpreter, imports and all), each side on all
       clips in one process (preparation with the first ``--threads`` setting).
 

@@ -538,6 +538,35 @@ def test_variable_frame_rate(tmp_path):
                              11 * index % 256, atol=3)
 
 
+def test_one_thread_and_helper_threads_give_the_same_frames_and_errors(tmp_path,
+                                                                        monkeypatch):
+  """decoder_threads=1 (all on the calling thread) and 0 (helper threads) pick and convert
+  the same frames; a frame that fails to convert is a MediaError naming the file either
+  way, raised when the frames are collected, never a stack trace from the decoding loop."""
+  from av_sound_tf.core import video_frames  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "vfr.mp4")
+  _write_vfr_mp4(path, np.random.default_rng(1).integers(900, 7200, 60))
+  one, helpers = (media.sample_video(path, 24, 32, decoder_threads=t) for t in (1, 0))
+  np.testing.assert_array_equal(one.times, helpers.times)
+  np.testing.assert_array_equal(one.frames, helpers.frames)
+  fit = video_frames.FrameFitter.__call__
+  calls = []
+
+  def failing(self, frame):
+    calls.append(frame.pts)
+    if len(calls) == 5:
+      raise ValueError("bad pixels")
+    return fit(self, frame)
+
+  monkeypatch.setattr(video_frames.FrameFitter, "__call__", failing)
+  for threads in (1, 0):
+    calls.clear()
+    with pytest.raises(media.MediaError, match="vfr.mp4: video frames do not convert to RGB "
+                       r"\(bad pixels\)"):
+      media.sample_video(path, 24, 32, decoder_threads=threads)
+    assert len(calls) > 5  # the fast path went on decoding; the error waited for result()
+
+
 def test_fallback_decodes_frame_by_frame(tmp_path, monkeypatch):
   """When the fast path cannot vouch for its picks, every frame is decoded in order: the
   same frames on good files; a file cut in half gives the frames that decode."""
