@@ -137,25 +137,35 @@ def _settings():
   return [int(t) for t in FLAGS.threads]
 
 
+def _start_worker(threads):
+  """A worker's ClipProcessor with `threads`, its embedder built, and its start-up
+  (wall seconds, CPU seconds)."""
+  from data_prep import featurize  # pylint: disable=g-import-not-at-top
+  _set_tf_threads()
+  c0, t0 = cpu_seconds(), time.perf_counter()
+  processor = featurize.ClipProcessor(_config(), threads)
+  _ = processor.embedder  # built on the first visual clip anyway
+  return processor, (time.perf_counter() - t0, cpu_seconds() - c0)
+
+
+def _prepare_clip(processor, job):
+  result = processor(job)
+  if result.status != "written":
+    raise RuntimeError(f"{job.path}: {result.reason}")
+
+
 def preparation(paths, threads):
   """bin/prepare_data's worker with ClipProcessor `threads`: start-up, then each clip.
 
   Returns (wall seconds, CPU seconds, start-up wall seconds, wall seconds per clip).
   """
-  from data_prep import featurize  # pylint: disable=g-import-not-at-top
-  _set_tf_threads()
-  jobs = _jobs(paths)
   c0, t0 = cpu_seconds(), time.perf_counter()
-  processor = featurize.ClipProcessor(_config(), threads)
-  _ = processor.embedder  # built on the first visual clip anyway
-  startup = time.perf_counter() - t0
+  processor, (startup, _) = _start_worker(threads)
   times = []
-  for job in jobs:
+  for job in _jobs(paths):
     t = time.perf_counter()
-    result = processor(job)
+    _prepare_clip(processor, job)
     times.append(time.perf_counter() - t)
-    if result.status != "written":
-      raise RuntimeError(f"{job.path}: {result.reason}")
   return time.perf_counter() - t0, cpu_seconds() - c0, startup, times
 
 
@@ -166,8 +176,6 @@ def interleaved(paths, repeat, settings):
   counted in its total. Returns {side: [(wall, CPU) per clip]} and {setting: (start-up
   wall, CPU)}; side "decode" is the baseline, an int a ClipProcessor threads setting.
   """
-  from data_prep import featurize  # pylint: disable=g-import-not-at-top
-  _set_tf_threads()
 
   def timed(fn):
     c, t = cpu_seconds(), time.perf_counter()
@@ -176,16 +184,7 @@ def interleaved(paths, repeat, settings):
 
   processors, startup = {}, {}
   for threads in settings:
-    c0, t0 = cpu_seconds(), time.perf_counter()
-    processors[threads] = featurize.ClipProcessor(_config(), threads)
-    _ = processors[threads].embedder  # built on the first visual clip anyway
-    startup[threads] = (time.perf_counter() - t0, cpu_seconds() - c0)
-
-  def prepare(processor, job):
-    result = processor(job)
-    if result.status != "written":
-      raise RuntimeError(f"{job.path}: {result.reason}")
-
+    processors[threads], startup[threads] = _start_worker(threads)
   sides = ["decode"] + list(settings)
   rows = {side: [] for side in sides}
   for i, (path, job) in enumerate(zip(paths, _jobs(paths))):
@@ -194,7 +193,7 @@ def interleaved(paths, repeat, settings):
       if side == "decode":
         rows[side].append(timed(functools.partial(full_decode, path, FLAGS.baseline_threads)))
       else:
-        rows[side].append(timed(functools.partial(prepare, processors[side], job)))
+        rows[side].append(timed(functools.partial(_prepare_clip, processors[side], job)))
   return rows, startup
 
 
@@ -269,29 +268,25 @@ def parts(paths, repeats=4):
   from av_sound_tf.core import containers  # pylint: disable=g-import-not-at-top
   from av_sound_tf.core import media  # pylint: disable=g-import-not-at-top
   from av_sound_tf.core import video_frames  # pylint: disable=g-import-not-at-top
-  from data_prep import featurize  # pylint: disable=g-import-not-at-top
-  _set_tf_threads()
-  processor = featurize.ClipProcessor(_config(), 1)
+  processor, _ = _start_worker(1)
   jobs = dict(zip(paths, _jobs(paths)))
   for path in paths:  # tracing and log-mel compiles, untimed
-    processor(jobs[path])
+    _prepare_clip(processor, jobs[path])
   frames = {p: media.sample_video_frames(p, FLAGS.num_frames, FLAGS.image_size,
                                          decoder_threads=1) for p in paths}
   waves = {p: media.read_audio(p, None, None, processor.config.log_mel.sample_rate).waveform
            for p in paths}
 
-  def picks_only(path):  # the exact picks decoded, nothing converted
+  def picks_only(path):  # the exact picks decoded as sample_video does, nothing converted
     with containers.open_container(path) as container:
-      stream = container.streams.video[0]
-      stream.thread_type = "FRAME"
-      stream.codec_context.thread_count = 1
-      targets = video_frames.frame_targets(FLAGS.num_frames, 0.0,
-                                           containers.duration(container))
+      stream, targets = media._video_segment(  # pylint: disable=protected-access
+          path, container, FLAGS.num_frames, None, None, 1)
       video_frames.sample_frames(container, stream, targets, lambda frame: None)
 
   sides = {
       "plain full decode (the baseline)": lambda p: full_decode(p, "default"),
-      "whole preparation (ClipProcessor, threads=1)": lambda p: processor(jobs[p]),
+      "whole preparation (ClipProcessor, threads=1)": lambda p: _prepare_clip(processor,
+                                                                                jobs[p]),
       "video: media.sample_video (one thread)": lambda p: media.sample_video(
           p, FLAGS.num_frames, FLAGS.image_size, decoder_threads=1),
       "  of it: the picks decoded, no conversion": picks_only,

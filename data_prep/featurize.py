@@ -107,7 +107,7 @@ class ClipProcessor:
     self.threads = threads
     self._embedder = None
     self._log_mel_fn = features.compiled_log_mel_fn(config.log_mel)
-    self._audio_thread = None  # started on the first clip with both modalities
+    self._audio_thread = None  # threads != 1: started on the first clip with both modalities
 
   @property
   def embedder(self):

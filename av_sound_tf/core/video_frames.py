@@ -140,16 +140,45 @@ class FrameFitter:
     return np.stack(frames)
 
 
-class BackgroundConverter:
-  """Runs a frame conversion (`FrameFitter`) on one helper thread while the caller goes on
-  decoding: calling it returns a future. FFmpeg's decoder and scaler release the GIL, so
-  on a machine with a core to spare the conversion costs no wall time. At most `in_flight`
-  decoded frames wait for conversion (a 4K frame is 12 MB), so memory stays bounded when
-  the decoder runs ahead. Use it as a context manager; `result` resolves what it returned.
+class InlineConverter:
+  """Runs a frame conversion (`FrameFitter`) on the calling thread, for workers that already
+  fill every core, where a helper thread's hand-offs only add CPU
+  (benchmarks/frame_benchmark.py measures both settings). Calling it returns a completed
+  future; a conversion's error is raised by `result`, as with `BackgroundConverter`. Use it
+  as a context manager."""
+
+  def __init__(self, convert: Callable):
+    self._convert = convert
+
+  def __call__(self, frame) -> futures.Future:
+    future = futures.Future()
+    try:
+      future.set_result(self._convert(frame))
+    except Exception as e:  # pylint: disable=broad-except
+      future.set_exception(e)
+    return future
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
+
+  @staticmethod
+  def result(converted: list) -> list:
+    """The converted frames, in order (a conversion's error is raised here)."""
+    return [item.result() for item in converted]
+
+
+class BackgroundConverter(InlineConverter):
+  """`InlineConverter` on one helper thread while the caller goes on decoding. FFmpeg's
+  decoder and scaler release the GIL, so on a machine with a core to spare the conversion
+  costs no wall time. At most `in_flight` decoded frames wait for conversion (a 4K frame is
+  12 MB), so memory stays bounded when the decoder runs ahead.
   """
 
   def __init__(self, convert: Callable, in_flight: int = 4):
-    self._convert = convert
+    super().__init__(convert)
     self._slots = threading.BoundedSemaphore(in_flight)
     self._pool = futures.ThreadPoolExecutor(1, "frame-convert")
 
@@ -163,37 +192,8 @@ class BackgroundConverter:
     future.add_done_callback(lambda _: self._slots.release())
     return future
 
-  def __enter__(self):
-    return self
-
   def __exit__(self, *exc):
     self._pool.shutdown(wait=True)
-
-  @staticmethod
-  def result(converted: list) -> list:
-    """The converted frames, in order (a conversion's error is raised here)."""
-    return [item.result() for item in converted]
-
-
-class InlineConverter(BackgroundConverter):
-  """`BackgroundConverter`'s interface, converting on the calling thread: for workers that
-  already fill every core, where a helper thread's hand-offs only add CPU
-  (benchmarks/frame_benchmark.py measures both settings). A conversion's error is still
-  raised by `result`, as with the helper thread."""
-
-  def __init__(self, convert: Callable):  # pylint: disable=super-init-not-called
-    self._convert = convert
-
-  def __call__(self, frame) -> futures.Future:
-    future = futures.Future()
-    try:
-      future.set_result(self._convert(frame))
-    except Exception as e:  # pylint: disable=broad-except
-      future.set_exception(e)
-    return future
-
-  def __exit__(self, *exc):
-    pass
 
 
 def _avcc_length_size(stream) -> Optional[int]:
